@@ -1,0 +1,87 @@
+"""tilepipe: tile-parallel wide-field astronomical image processing on Dask.
+
+An image becomes an :class:`xarray.Dataset` (``image``, ``mask``, ``variance``)
+backed by dask arrays, cut into an ``nx x ny`` grid of tiles read with a halo of
+``overlap`` pixels (:class:`TileGrid`).  Every stage (background, detection,
+PSF, photometry, ZOGY/SFFT subtraction, coaddition) runs tile by tile and the
+results are stitched exactly.
+
+Public names are imported lazily (``tilepipe.subtract`` imports
+``tilepipe.subtract`` only when first used), so ``import tilepipe`` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    # tiling engine
+    "TileGrid": "tiling",
+    "Tile": "tiling",
+    "map_tiles": "tiling",
+    "map_tiles_table": "tiling",
+    # data model
+    "open_image": "image",
+    "as_dataset": "image",
+    "wcs": "image",
+    "header_to_cards": "image",
+    "cards_to_header": "image",
+    # I/O
+    "write_zarr": "io",
+    "write_fits": "io",
+    "read_table": "io",
+    "write_table": "io",
+    # calibration, background, detection, photometry
+    "calibrate": "calibrate",
+    "estimate_background": "background",
+    "subtract_background": "background",
+    "detect_sources": "detect",
+    "find_peaks": "detect",
+    "centroids": "detect",
+    "second_moments": "detect",
+    "remove_close": "detect",
+    "aperture_photometry": "photometry",
+    "gaussian_psf_photometry": "photometry",
+    "psf_photometry": "photometry",
+    # PSF
+    "select_stars": "psf",
+    "build_psf": "psf",
+    "PSFModel": "psf",
+    "GaussianPSF": "psf",
+    "MoffatPSF": "psf",
+    # subtraction
+    "subtract": "subtract",
+    "find_transients": "subtract",
+    # cutouts, coadds, mosaics
+    "cutout": "cutout",
+    "cutouts": "cutout",
+    "sigma_image": "cutout",
+    "source_mask": "cutout",
+    "write_cutout": "cutout",
+    "coadd": "coadd",
+    "mosaic": "mosaic",
+    # pipeline, cluster
+    "run_pipeline": "pipeline",
+    "get_client": "cluster",
+    "datasets": None,  # submodule
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tilepipe' has no attribute {name!r}")
+    modname = _LAZY[name]
+    if modname is None:
+        return importlib.import_module(f"tilepipe.{name}")
+    module = importlib.import_module(f"tilepipe.{modname}")
+    return getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,93 @@
+"""The Dask client: the current one, a scheduler address, or a LocalCluster.
+
+The library itself never starts a cluster behind the user's back: lazy results
+compute on whatever scheduler dask is configured with (the current
+``distributed.Client`` if one exists).  The CLI and the pipeline call
+:func:`get_client` to get a client: the current one, one connected to
+``scheduler`` (``tcp://host:8786``), or a new ``LocalCluster`` with processes
+sized to the machine (sep holds the GIL, so processes beat threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["get_client", "client_context", "progress"]
+
+
+def get_client(scheduler: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1,
+               timeout: float = 10.0, **cluster_kwargs: Any):
+    """Return a :class:`distributed.Client`.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://HOST:8786``).  Fails with a
+        clear ``ConnectionError`` within ``timeout`` seconds when unreachable.
+    n_workers : int, optional
+        Workers of the LocalCluster (default: one per core).
+    threads_per_worker : int
+        Threads per LocalCluster worker (default 1).
+    timeout : float
+        Seconds to wait for a remote scheduler.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(
+                f"could not reach the Dask scheduler at {scheduler!r} within {timeout:g} s ({exc}); "
+                "check the address and that `dask scheduler` is running, or omit --scheduler to use a LocalCluster"
+            ) from None
+    try:
+        return Client.current()
+    except ValueError:
+        pass
+    n_workers = n_workers or max(1, os.cpu_count() or 1)
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                           dashboard_address=cluster_kwargs.pop("dashboard_address", ":0"), **cluster_kwargs)
+    client = Client(cluster)
+    log.info("started a LocalCluster with %d workers; dashboard at %s", n_workers, client.dashboard_link)
+    return client
+
+
+@contextlib.contextmanager
+def client_context(scheduler: str | None = None, **kwargs: Any) -> Iterator[Any]:
+    """Context manager around :func:`get_client` that closes what it created."""
+    from distributed import Client
+
+    try:
+        existing = Client.current()
+    except ValueError:
+        existing = None
+    if existing is not None and not scheduler:
+        yield existing
+        return
+    client = get_client(scheduler, **kwargs)
+    try:
+        yield client
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None and not scheduler:
+            cluster.close()
+
+
+def progress(*futures_or_collections: Any, show: bool = True) -> None:
+    """Show progress of persisted collections/futures on the current client (no-op if none)."""
+    if not show:
+        return
+    try:
+        from distributed import Client, progress as dprogress
+
+        Client.current()
+    except (ImportError, ValueError):
+        return
+    dprogress(*futures_or_collections)

@@ -1,0 +1,406 @@
+"""The image Dataset: the one object that flows through tilepipe.
+
+An image is an :class:`xarray.Dataset` on dims ``("y", "x")`` with
+
+============  =======  ======================================================
+variable      dtype    meaning
+============  =======  ======================================================
+``image``     float32  pixel values (ADU or e-, ``attrs["bunit"]``)
+``mask``      bool     True = bad pixel (NaN/inf input, saturated, user mask)
+``variance``  float32  per-pixel variance in image units squared
+============  =======  ======================================================
+
+and ``attrs``: ``header`` (ordered ``[keyword, value, comment]`` cards),
+``gain`` (e-/ADU), ``saturation`` (image units), ``fwhm`` (pixels) when known,
+``bunit``.  Variables are dask arrays: nothing is read until computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "open_image",
+    "as_dataset",
+    "make_dataset",
+    "wcs",
+    "header_to_cards",
+    "cards_to_header",
+    "default_variance",
+    "DEFAULT_CHUNK",
+]
+
+#: chunk edge (pixels) used when a caller gives no ``chunks``
+DEFAULT_CHUNK = 2048
+
+_GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN", "GAINEFF")
+_SAT_KEYS = ("SATURATE", "SATURATION", "SATLEVEL", "MAXLIN")
+_FWHM_KEYS = ("FWHM", "SEEING_PIX", "PSF_FWHM")
+
+
+# --------------------------------------------------------------------- header
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (int, float, str)) or value is None:
+        if isinstance(value, float) and not np.isfinite(value):
+            return str(value)
+        return value
+    if isinstance(value, fits.card.Undefined):
+        return None
+    return str(value)
+
+
+def header_to_cards(header: fits.Header | Sequence | None) -> list[list[Any]]:
+    """Turn a FITS header into an ordered list of ``[keyword, value, comment]`` cards.
+
+    The list survives JSON (Zarr attrs) and keeps ``HISTORY``/``COMMENT`` cards
+    and their order, unlike a plain dict.  Structural keywords (``SIMPLE``,
+    ``BITPIX``, ``NAXIS*``, ``EXTEND``, ``BZERO``, ``BSCALE``, ``XTENSION``,
+    ``PCOUNT``, ``GCOUNT``, ``Z*`` tile-compression keywords) are dropped: they
+    describe the file, not the image.
+    """
+    if header is None:
+        return []
+    if isinstance(header, list):
+        return [list(c) for c in header]
+    skip = {"SIMPLE", "BITPIX", "EXTEND", "BZERO", "BSCALE", "XTENSION", "PCOUNT", "GCOUNT", "CHECKSUM", "DATASUM", "END", ""}
+    cards = []
+    for card in header.cards:
+        key = card.keyword
+        if key in skip or key.startswith("NAXIS") or key in ("ZIMAGE", "ZBITPIX", "ZCMPTYPE", "ZQUANTIZ", "ZDITHER0"):
+            continue
+        if key.startswith("ZNAXIS") or key.startswith("ZTILE") or key.startswith("ZNAME") or key.startswith("ZVAL"):
+            continue
+        value = card.value
+        if key in ("HISTORY", "COMMENT"):
+            value = str(value)
+        cards.append([key, _jsonable(value), str(card.comment or "")])
+    return cards
+
+
+def cards_to_header(cards: Sequence[Sequence[Any]] | fits.Header | None) -> fits.Header:
+    """Rebuild an :class:`astropy.io.fits.Header` from ``[keyword, value, comment]`` cards."""
+    if isinstance(cards, fits.Header):
+        return cards.copy()
+    hdr = fits.Header()
+    for card in cards or []:
+        key, value, comment = (list(card) + [None, None, ""])[:3]
+        if key == "HISTORY":
+            hdr.add_history(value or "")
+        elif key == "COMMENT":
+            hdr.add_comment(value or "")
+        else:
+            hdr.append(fits.Card(key, value, comment or ""), end=True)
+    return hdr
+
+
+def wcs(ds: xr.Dataset | fits.Header | Sequence) -> Any:
+    """Return the celestial :class:`astropy.wcs.WCS` of an image Dataset.
+
+    Raises
+    ------
+    ValueError
+        If the header holds no celestial WCS (say so, and how to add one).
+    """
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    if isinstance(ds, xr.Dataset):
+        cards = ds.attrs.get("header", [])
+    else:
+        cards = ds
+    hdr = cards_to_header(cards)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        w = WCS(hdr, naxis=2, relax=True)
+    if not w.has_celestial:
+        raise ValueError(
+            "the image has no celestial WCS (no CTYPE1/CTYPE2 sky axes in its header); "
+            "solve the astrometry first (e.g. astrometry.net) or pass pixel coordinates"
+        )
+    return w.celestial
+
+
+def has_wcs(ds: xr.Dataset) -> bool:
+    """True when :func:`wcs` would succeed."""
+    try:
+        wcs(ds)
+    except ValueError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------- variance
+def _robust_sky(sample: np.ndarray) -> np.ndarray:
+    """Sigma-clipped median and std (MAD based) of a pixel sample: ``[sky, sigma]``."""
+    v = np.asarray(sample, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return np.array([0.0, 1.0])
+    for _ in range(5):
+        med = np.median(v)
+        sig = 1.4826 * np.median(np.abs(v - med))
+        if sig <= 0:
+            break
+        keep = np.abs(v - med) < 3 * sig
+        if keep.all():
+            break
+        v = v[keep]
+    med = float(np.median(v))
+    sig = float(1.4826 * np.median(np.abs(v - med)))
+    if not np.isfinite(sig) or sig <= 0:
+        sig = float(np.std(v)) or 1.0
+    return np.array([med, sig])
+
+
+def _variance_block(img: np.ndarray, stats: np.ndarray, gain: float | None) -> np.ndarray:
+    sky, sig = float(stats[0]), float(stats[1])
+    var = np.full(img.shape, sig * sig, dtype=np.float32)
+    if gain:
+        src = np.clip(np.nan_to_num(img.astype(np.float32) - sky, nan=0.0, posinf=0.0, neginf=0.0), 0, None)
+        var += src / np.float32(gain)
+    return var
+
+
+def default_variance(image: da.Array, gain: float | None = None, max_sample: int = 1_000_000) -> da.Array:
+    """Lazy per-pixel variance: robust sky variance plus source Poisson noise.
+
+    ``variance = sigma_sky**2 + max(image - sky, 0) / gain`` (image units
+    squared; the second term only when ``gain`` in e-/ADU is known).  ``sky`` and
+    ``sigma_sky`` are one global sigma-clipped median and MAD-based std from a
+    strided sample of at most ``max_sample`` pixels, so the map does not depend
+    on tiling.  :func:`tilepipe.estimate_background` gives a spatially varying
+    ``rms`` when the sky noise varies across the field.
+    """
+    h, w = image.shape
+    stride = max(1, int(np.ceil(np.sqrt(h * w / max_sample))))
+    sample = image[::stride, ::stride]
+    stats = da.from_delayed(dask.delayed(_robust_sky)(sample), shape=(2,), dtype=np.float64)
+    return image.map_blocks(_variance_block, stats, gain, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+
+
+# -------------------------------------------------------------------- dataset
+def _header_value(cards: Sequence[Sequence[Any]], keys: Sequence[str]) -> Any:
+    for key in keys:
+        for c in cards:
+            if c[0] == key and isinstance(c[1], (int, float)) and not isinstance(c[1], bool):
+                return float(c[1])
+    return None
+
+
+def _to_dask(arr: Any, chunks: Any, name: str) -> da.Array:
+    if isinstance(arr, xr.DataArray):
+        arr = arr.data
+    if isinstance(arr, da.Array):
+        d = arr
+    else:
+        a = np.asarray(arr)
+        d = da.from_array(a, chunks=chunks if chunks is not None else DEFAULT_CHUNK)
+    if d.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (y, x); got shape {d.shape}. "
+            "Select one plane (e.g. data[0]) or one FITS extension with hdu=."
+        )
+    if chunks is not None:
+        d = d.rechunk(chunks)
+    return d
+
+
+def _native_float32(block: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def make_dataset(
+    image: Any,
+    *,
+    mask: Any = None,
+    variance: Any = None,
+    header: Any = None,
+    gain: float | None = None,
+    saturation: float | None = None,
+    fwhm: float | None = None,
+    bunit: str | None = None,
+    chunks: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> xr.Dataset:
+    """Build the image Dataset of DESIGN.md section 1 from arrays (lazily).
+
+    Parameters
+    ----------
+    image : array-like (2-D)
+        Pixel values; converted to native-endian float32.
+    mask : array-like of bool, optional
+        True = bad.  OR-ed with non-finite pixels and pixels >= ``saturation``.
+    variance : array-like, optional
+        Per-pixel variance (image units squared).  Default: :func:`default_variance`.
+    header : astropy Header or list of cards, optional
+    gain, saturation, fwhm : float, optional
+        e-/ADU, image units, pixels.  Taken from the header (``GAIN``,
+        ``SATURATE``, ``FWHM``...) when not given.
+    bunit : str, optional
+        Pixel unit (``BUNIT`` from the header by default, else ``"adu"``).
+    chunks : int or tuple, optional
+        Dask chunks for arrays that are not dask-backed yet.
+    extra : dict, optional
+        Additional 2-D variables (e.g. ``background``) to carry.
+    """
+    cards = header_to_cards(header)
+    img = _to_dask(image, chunks, "image")
+    if img.dtype != np.float32 or not img.dtype.isnative:
+        img = img.map_blocks(_native_float32, dtype=np.float32)
+    if gain is None:
+        gain = _header_value(cards, _GAIN_KEYS)
+    if saturation is None:
+        saturation = _header_value(cards, _SAT_KEYS)
+    if fwhm is None:
+        fwhm = _header_value(cards, _FWHM_KEYS)
+    if gain is not None and (not np.isfinite(gain) or gain <= 0):
+        raise ValueError(f"gain must be a positive number of e-/ADU; got {gain!r}")
+    bad = ~da.isfinite(img)
+    if saturation is not None:
+        bad = bad | (img >= np.float32(saturation))
+    if mask is not None:
+        m = _to_dask(mask, img.chunks, "mask")
+        if m.shape != img.shape:
+            raise ValueError(f"mask has shape {m.shape} but image has shape {img.shape}; they must match")
+        bad = bad | m.astype(bool)
+    if variance is None:
+        var = default_variance(img, gain)
+    else:
+        var = _to_dask(variance, img.chunks, "variance")
+        if var.shape != img.shape:
+            raise ValueError(f"variance has shape {var.shape} but image has shape {img.shape}; they must match")
+        var = var.astype(np.float32)
+    if bunit is None:
+        for c in cards:
+            if c[0] == "BUNIT":
+                bunit = str(c[1])
+        bunit = bunit or "adu"
+    data_vars = {
+        "image": (("y", "x"), img),
+        "mask": (("y", "x"), bad.rechunk(img.chunks)),
+        "variance": (("y", "x"), var.rechunk(img.chunks)),
+    }
+    for k, v in (extra or {}).items():
+        data_vars[k] = (("y", "x"), _to_dask(v, img.chunks, k))
+    attrs: dict[str, Any] = {"header": cards, "bunit": bunit}
+    if gain is not None:
+        attrs["gain"] = float(gain)
+    if saturation is not None:
+        attrs["saturation"] = float(saturation)
+    if fwhm is not None:
+        attrs["fwhm"] = float(fwhm)
+    return xr.Dataset(data_vars, attrs=attrs)
+
+
+def _is_path_like(src: Any) -> bool:
+    return isinstance(src, (str, os.PathLike))
+
+
+def as_dataset(src: Any, **kwargs: Any) -> xr.Dataset:
+    """Return ``src`` as an image Dataset (see :func:`open_image`); Datasets pass through."""
+    return open_image(src, **kwargs)
+
+
+def open_image(
+    src: Any,
+    hdu: int | str | None = None,
+    chunks: Any = None,
+    mask: Any = None,
+    variance: Any = None,
+    gain: float | None = None,
+    saturation: float | None = None,
+    fwhm: float | None = None,
+    storage_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> xr.Dataset:
+    """Open an image lazily as a tilepipe Dataset (DESIGN.md section 1).
+
+    Parameters
+    ----------
+    src : str, path, URL, numpy/dask array, DataArray or Dataset
+        A FITS file (``.fits``, ``.fit``, ``.fts``, ``.fits.fz``, gzipped),
+        a Zarr store written by :func:`tilepipe.write_zarr`, an fsspec URL
+        (``file://``, ``memory://``, ``s3://``...), an array, or a Dataset
+        (validated and returned with defaults filled in).
+    hdu : int or str, optional
+        FITS extension number or name; default: the first HDU with 2-D data.
+    chunks : int or tuple, optional
+        Dask chunk shape (default ``DEFAULT_CHUNK`` square).
+    mask, variance : array-like or str, optional
+        Extra bad-pixel mask (True = bad) and variance map (arrays or paths).
+    gain, saturation, fwhm : float, optional
+        Override the header values (e-/ADU, image units, pixels).
+    storage_options : dict, optional
+        fsspec options for URLs (e.g. ``{"key": ..., "secret": ...,
+        "client_kwargs": {"endpoint_url": ...}}`` for S3).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``image``, ``mask``, ``variance`` on dims ``("y", "x")``, dask-backed.
+    """
+    if isinstance(src, xr.Dataset):
+        if "image" not in src:
+            raise ValueError(
+                f"the Dataset has no 'image' variable (it has {list(src.data_vars)}); "
+                "build one with tilepipe.open_image(array)"
+            )
+        attrs = dict(src.attrs)
+        extra = {k: src[k].data for k in src.data_vars if k not in ("image", "mask", "variance") and src[k].dims == ("y", "x")}
+        out = make_dataset(
+            src["image"].data,
+            mask=src["mask"].data if "mask" in src and mask is None else mask,
+            variance=src["variance"].data if "variance" in src and variance is None else variance,
+            header=attrs.get("header"),
+            gain=gain if gain is not None else attrs.get("gain"),
+            saturation=saturation if saturation is not None else attrs.get("saturation"),
+            fwhm=fwhm if fwhm is not None else attrs.get("fwhm"),
+            bunit=attrs.get("bunit"),
+            chunks=chunks,
+            extra=extra,
+        )
+        for k, v in attrs.items():
+            out.attrs.setdefault(k, v)
+        return out
+    if _is_path_like(src):
+        from . import io as tio
+
+        opts = dict(storage_options or {})
+        if isinstance(mask, (str, os.PathLike)):
+            mask = tio.read_array(mask, storage_options=opts, chunks=chunks).astype(bool)
+        if isinstance(variance, (str, os.PathLike)):
+            variance = tio.read_array(variance, storage_options=opts, chunks=chunks)
+        if tio.is_zarr(src, storage_options=opts):
+            ds = tio.read_zarr(src, storage_options=opts, chunks=chunks)
+            return open_image(ds, mask=mask, variance=variance, gain=gain, saturation=saturation, fwhm=fwhm, chunks=chunks)
+        data, header = tio.read_fits(src, hdu=hdu, chunks=chunks, storage_options=opts)
+        return make_dataset(
+            data, mask=mask, variance=variance, header=header, gain=gain, saturation=saturation, fwhm=fwhm, chunks=None
+        )
+    if isinstance(src, (np.ndarray, da.Array, xr.DataArray)) or hasattr(src, "__array__"):
+        header = kwargs.pop("header", None)
+        if isinstance(src, xr.DataArray) and header is None:
+            header = src.attrs.get("header")
+        return make_dataset(
+            src, mask=mask, variance=variance, header=header, gain=gain, saturation=saturation, fwhm=fwhm, chunks=chunks
+        )
+    raise TypeError(
+        f"cannot open an image from {type(src).__name__}; pass a FITS/Zarr path or URL, "
+        "a 2-D numpy/dask array, or an xarray Dataset"
+    )
