@@ -13,6 +13,8 @@ Public names are imported lazily (``tilepipe.subtract`` imports
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -46,7 +48,7 @@ _LAZY: dict[str, str] = {
     "remove_close": "detect",
     "aperture_photometry": "photometry",
     "gaussian_psf_photometry": "photometry",
-    "psf_photometry": "photometry",
+    "psf_photometry": "psf",
     # PSF
     "select_stars": "psf",
     "build_psf": "psf",
@@ -80,7 +82,25 @@ def __getattr__(name: str) -> Any:
     if modname is None:
         return importlib.import_module(f"tilepipe.{name}")
     module = importlib.import_module(f"tilepipe.{modname}")
-    return getattr(module, name)
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """Keep ``tilepipe.calibrate`` (and other functions named like their module) a function.
+
+    Importing a submodule makes Python set it as an attribute of the package,
+    which would shadow the public function of the same name.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -201,6 +201,459 @@ def demo(ctx: Context, output: str, size: int, seed: int) -> None:
 # ============================================================= capabilities
 # Each capability adds its subcommand(s) in its own section, above the marker.
 
+# ===== pipeline =====
+@main.command("run")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Redo complete products too.")
+@pass_ctx
+def run_cmd(ctx: Context, config: str, force: bool) -> None:
+    """Reduce a night from a TOML CONFIG (see tilepipe.pipeline): resumable, one summary per run."""
+    from .pipeline import ConfigError, run_pipeline
+
+    try:
+        summary = run_pipeline(config, force=force, scheduler=ctx.scheduler, progress=ctx.progress)
+    except (ConfigError, FileNotFoundError, PermissionError, ConnectionError) as exc:
+        fail(str(exc))
+    click.echo(
+        f"{summary['n_done']} done, {summary['n_skipped']} skipped, {summary['n_failed']} failed "
+        f"in {summary['seconds']:.1f} s; summary in {summary['config']['run']['output']}/summary.html"
+    )
+    if summary["n_failed"]:
+        sys.exit(1)
+
+
+# ===== background =====
+@main.command("background")
+@click.argument("image")
+@click.option("-o", "--output", required=True, help="Output .zarr (directory/URL) or .fits file: background and rms.")
+@click.option("--mesh", default=64, show_default=True, type=click.IntRange(min=1), help="Mesh size (pixels).")
+@click.option("--filter-size", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Median filter over the mesh grid (meshes).")
+@click.option("--method", default="mesh", show_default=True, type=click.Choice(["mesh", "poly"]),
+              help="SExtractor mesh background or a polynomial sky.")
+@click.option("--order", default=3, show_default=True, type=click.IntRange(min=0), help="Polynomial degree (poly).")
+@click.option("--grow", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Grow detected sources by this many pixels before the poly fit.")
+@click.option("--subtracted", is_flag=True, help="Also write the background-subtracted image (as 'image').")
+@click.option("--hdu", default=None, help="FITS extension of IMAGE.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@pass_ctx
+def background_cmd(ctx: Context, image: str, output: str, mesh: int, filter_size: int, method: str, order: int,
+                   grow: int, subtracted: bool, hdu: str | None, overwrite: bool, storage_option) -> None:
+    """Estimate the sky background and rms of IMAGE (tile-parallel, equal to the whole-image result)."""
+    from .background import estimate_background, subtract_background
+    from .io import write_fits, write_zarr
+
+    opts = _storage_options(storage_option)
+    ds = open_or_fail(image, hdu=_hdu(hdu), storage_options=opts)
+    with ctx.client():
+        try:
+            bkg = estimate_background(ds, mesh=mesh, filter_size=filter_size, method=method, order=order, grow=grow,
+                                      nx=ctx.nx, ny=ctx.ny, overlap=ctx.overlap)
+        except ValueError as exc:
+            fail(str(exc))
+        out = subtract_background(ds, bkg) if subtracted else bkg
+        try:
+            if _is_fits_name(output):
+                write_fits(out, output, overwrite=overwrite, storage_options=opts)
+            else:
+                write_zarr(out, output, overwrite=overwrite, storage_options=opts)
+        except (OSError, ValueError, FileExistsError) as exc:
+            fail(str(exc))
+    click.echo(f"wrote {output} (global background {bkg.attrs['global_background']:.6g}, "
+               f"rms {bkg.attrs['global_rms']:.6g}, {bkg.attrs['n_bad_meshes']} bad meshes)")
+
+
+# ===== cutout / coadd / mosaic =====
+@main.command("cutout")
+@click.argument("image")
+@click.option("--catalog", required=True, help="Targets table (ECSV, FITS, Parquet): ra/dec in degrees, or x/y with --unit pix.")
+@click.option("--size", required=True, help="Full cutout width, e.g. 10arcsec, 1.5arcmin, 64pix.")
+@click.option("-o", "--output", required=True, help="Folder (local or URL) for <name>.fits files, or a .zarr group.")
+@click.option("--unit", default="arcsec", show_default=True, type=click.Choice(["arcsec", "pix"]),
+              help="Unit of a bare --size number; 'pix' also reads x/y columns instead of ra/dec.")
+@click.option("--partial", default="pad", show_default=True, type=click.Choice(["pad", "trim", "error"]),
+              help="Cutouts crossing the image edge: pad+mask, trim, or report an error.")
+@click.option("--sky", default=None, help="Subtract 'auto' (clipped median of the cutout) or a number.")
+@click.option("--gain", default=None, type=float, help="e-/ADU for the sigma image (default: header GAIN).")
+@click.option("--mask-sources/--no-mask-sources", default=False, show_default=True,
+              help="Mask neighbours (needs a FWHM: --fwhm or the header).")
+@click.option("--fwhm", default=None, type=float, help="PSF FWHM in pixels for --mask-sources.")
+@click.option("--name-col", default=None, help="Catalog column naming the files (default: id, else row number).")
+@click.option("--hdu", default=None, help="FITS extension of IMAGE.")
+@click.option("--overwrite", is_flag=True, help="Replace existing cutouts.")
+@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@pass_ctx
+def cutout_cmd(ctx: Context, image: str, catalog: str, size: str, output: str, unit: str, partial: str, sky: str | None,
+               gain: float | None, mask_sources: bool, fwhm: float | None, name_col: str | None, hdu: str | None,
+               overwrite: bool, storage_option) -> None:
+    """Cut IMAGE around every target of CATALOG into multi-extension FITS files (IMAGE, MASK, SIGMA)."""
+    from .cutout import cutouts
+    from .io import read_table
+
+    opts = _storage_options(storage_option)
+    try:
+        cat = read_table(catalog, storage_options=opts)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read the catalog {catalog!r}: {exc}")
+    sky_value: Any = None
+    if sky is not None:
+        try:
+            sky_value = float(sky)
+        except ValueError:
+            sky_value = sky
+    ms: Any = False
+    if mask_sources:
+        ms = {"fwhm": fwhm} if fwhm is not None else True
+    with ctx.client():
+        try:
+            table = cutouts(image, cat, size, output=output, unit=unit, partial=partial, storage_options=opts,
+                            sky=sky_value, gain=gain, mask_sources=ms, name_col=name_col, hdu=_hdu(hdu),
+                            overwrite=overwrite)
+        except (OSError, ValueError, TypeError, FileExistsError) as exc:
+            fail(str(exc))
+    n_ok = int(sum(s in ("ok", "partial") for s in table["status"]))
+    click.echo(f"wrote {n_ok} cutouts of {table.meta['size'][0]} x {table.meta['size'][1]} px into {output} "
+               f"({len(table) - n_ok} skipped: outside the image or failed)")
+
+
+def _write_product(ds: Any, output: str, overwrite: bool, opts: dict[str, Any]) -> None:
+    from .io import write_fits, write_zarr
+
+    try:
+        if _is_fits_name(output):
+            write_fits(ds, output, overwrite=overwrite, storage_options=opts)
+        else:
+            write_zarr(ds, output, overwrite=overwrite, storage_options=opts)
+    except (OSError, ValueError, TypeError, FileExistsError) as exc:
+        fail(str(exc))
+
+
+@main.command("coadd")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output .zarr (directory/URL) or .fits file.")
+@click.option("--method", default="proper", show_default=True, type=click.Choice(["proper", "weighted", "median"]),
+              help="Zackay & Ofek proper coadd, inverse-variance weighted mean, or median.")
+@click.option("--fwhm", default=None, type=float, multiple=True,
+              help="Gaussian PSF FWHM (px) per image (repeat once per image); default: header or measured on stars.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@pass_ctx
+def coadd_cmd(ctx: Context, images: tuple[str, ...], output: str, method: str, fwhm: tuple[float, ...],
+              overwrite: bool, storage_option) -> None:
+    """Coadd aligned IMAGES (same shape) into OUTPUT: coadd (as 'image'), variance, mask, nexp."""
+    from .coadd import coadd
+
+    opts = _storage_options(storage_option)
+    dss = [open_or_fail(p, storage_options=opts) for p in images]
+    with ctx.client():
+        try:
+            res = coadd(dss, method=method, fwhm=list(fwhm) if fwhm else None, **ctx.tiles(default_overlap=None))
+        except (ValueError, TypeError) as exc:
+            fail(str(exc))
+        out = res.drop_vars(["psf", "tile_x", "tile_y"]).rename({"coadd": "image"})
+        out.attrs = {k: v for k, v in res.attrs.items()}
+        _write_product(out, output, overwrite, opts)
+    click.echo(f"wrote {output} ({method} coadd of {len(images)} images, flux scales "
+               f"{', '.join(f'{f:.4g}' for f in res.attrs['fluxes'])}, coadd FWHM {res.attrs['fwhm']:.2f} px)")
+
+
+@main.command("mosaic")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output Zarr store (local path or URL, e.g. s3://bucket/m.zarr).")
+@click.option("--combine", default="mean", show_default=True, type=click.Choice(["mean", "median", "proper"]))
+@click.option("--resolution", default=None, type=float, help="Output pixel scale in arcsec (default: finest input).")
+@click.option("--tile-size", default=1024, show_default=True, type=click.IntRange(min=16),
+              help="Output tile = Zarr chunk side (pixels).")
+@click.option("--match-background/--no-match-background", default=True, show_default=True,
+              help="Solve and subtract additive offsets between overlapping inputs.")
+@click.option("--reference", default=None, type=int, help="Input index whose background level is kept.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@pass_ctx
+def mosaic_cmd(ctx: Context, inputs: tuple[str, ...], output: str, combine: str, resolution: float | None,
+               tile_size: int, match_background: bool, reference: int | None, overwrite: bool, storage_option) -> None:
+    """Reproject INPUTS (with WCS) onto one grid and combine them into a Zarr mosaic with a coverage map."""
+    from .mosaic import mosaic
+
+    opts = _storage_options(storage_option)
+    with ctx.client():
+        try:
+            res = mosaic(list(inputs), resolution=resolution, combine=combine, match_background=match_background,
+                         output=output, storage_options=opts, tile_size=tile_size, reference=reference,
+                         overwrite=overwrite)
+        except (OSError, ValueError, TypeError, FileExistsError) as exc:
+            fail(str(exc))
+    ny, nx = res["image"].shape
+    click.echo(f"wrote {output}: {ny} x {nx} px mosaic of {len(inputs)} inputs, background offsets "
+               f"{', '.join(f'{b:.4g}' for b in res.attrs['background_offsets'])}")
+
+
+# ===== detect =====
+@main.command("detect")
+@click.argument("image")
+@click.option("-o", "--output", required=True, help="Output catalog: .ecsv, .fits or .parquet.")
+@click.option("--nsigma", default=1.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Detection threshold in units of the background rms.")
+@click.option("--minarea", default=5, show_default=True, type=click.IntRange(min=1), help="Minimum pixels per source.")
+@click.option("--filter-fwhm", default=None, type=click.FloatRange(min=0),
+              help="FWHM (px) of the Gaussian detection filter (default: sep's 3x3 kernel; 0: none).")
+@click.option("--deblend-cont", default=0.005, show_default=True, type=click.FloatRange(min=0),
+              help="Deblending contrast (1 disables deblending).")
+@click.option("--plot", default=None, metavar="PNG", help="Also write a zscale quick-look with the detections circled.")
+@click.option("--hdu", default=None, help="FITS extension of IMAGE.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@pass_ctx
+def detect_cmd(ctx: Context, image: str, output: str, nsigma: float, minarea: int, filter_fwhm: float | None,
+               deblend_cont: float, plot: str | None, hdu: str | None, overwrite: bool) -> None:
+    """Detect sources in IMAGE (sep per tile, merged by ownership) and write a catalog."""
+    from .detect import detect_sources, plot_detections
+
+    ds = open_or_fail(image, hdu=_hdu(hdu))
+    tiles = {"nx": ctx.nx, "ny": ctx.ny, "overlap": ctx.overlap}
+    with ctx.client():
+        try:
+            cat = detect_sources(ds, nsigma=nsigma, minarea=minarea, filter_fwhm=filter_fwhm,
+                                 deblend_cont=deblend_cont, **tiles)
+        except ValueError as exc:
+            fail(str(exc))
+    try:
+        try:
+            from .io import write_table
+        except ImportError:  # pragma: no cover - io not installed
+            write_table = None
+        if write_table is not None:
+            write_table(cat, output, overwrite=overwrite)
+        else:  # pragma: no cover
+            cat.write(output, overwrite=overwrite)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot write {output!r}: {exc}")
+    click.echo(f"wrote {output} ({len(cat)} sources)")
+    if plot:
+        plot_detections(ds, cat, plot)
+        click.echo(f"wrote {plot}")
+
+
+# ===== psf =====
+def _read_catalog_or_fail(path: str):
+    from astropy.table import Table
+
+    try:
+        try:
+            from .io import read_table
+        except ImportError:  # pragma: no cover
+            read_table = None
+        return read_table(path) if read_table is not None else Table.read(path)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read catalog {path!r}: {exc}")
+
+
+@main.command("psf")
+@click.argument("image")
+@click.option("-o", "--output", required=True, help="Output PSF file (FITS).")
+@click.option("--catalog", default=None, help="Source catalog (x, y columns) to select stars from (default: detect).")
+@click.option("--size", default=25, show_default=True, type=click.IntRange(min=5), help="PSF stamp side (px, odd).")
+@click.option("--degree", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Degree of the polynomial spatial variation.")
+@click.option("--model", "model", default="pixel", show_default=True, type=click.Choice(["pixel", "kl"]),
+              help="Pixel basis (PSFEx-like) or Karhunen-Loeve basis.")
+@click.option("--oversampling", default=1, show_default=True, type=click.IntRange(min=1), help="Model samples per pixel.")
+@click.option("--plot", default=None, metavar="PNG", help="Write a grid of PSFs across the field and the FWHM map.")
+@click.option("--hdu", default=None, help="FITS extension of IMAGE.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@pass_ctx
+def psf_cmd(ctx: Context, image: str, output: str, catalog: str | None, size: int, degree: int, model: str,
+            oversampling: int, plot: str | None, hdu: str | None, overwrite: bool) -> None:
+    """Build a spatially varying PSF model of IMAGE and write it to a FITS file."""
+    import os
+
+    from .psf import build_psf
+    from .psf.plots import plot_psf
+
+    if os.path.exists(output) and not overwrite:
+        fail(f"{output} exists; pass --overwrite to replace it")
+    ds = open_or_fail(image, hdu=_hdu(hdu))
+    cat = _read_catalog_or_fail(catalog) if catalog else None
+    with ctx.client():
+        try:
+            psf = build_psf(ds, cat, size=size, degree=degree, model=model, oversampling=oversampling,
+                            nx=ctx.nx, ny=ctx.ny, overlap=ctx.overlap)
+        except ValueError as exc:
+            fail(str(exc))
+    psf.to_fits(output, overwrite=True)
+    click.echo(f"wrote {output} ({psf.kind} PSF, {psf.meta.get('n_stars')} stars, degree {psf.degree}, "
+               f"FWHM at centre {psf.meta.get('fwhm_centre', float('nan')):.2f} px)")
+    if plot:
+        plot_psf(psf, plot)
+        click.echo(f"wrote {plot}")
+
+
+@main.command("photometry")
+@click.argument("image")
+@click.option("--psf", "psf_path", required=True, help="PSF file written by `tilepipe psf`.")
+@click.option("-o", "--output", required=True, help="Output catalog (.ecsv, .fits, .parquet).")
+@click.option("--catalog", default=None, help="Source catalog with x, y (default: detect sources).")
+@click.option("--fixed-position", is_flag=True, help="Hold positions at the catalog's x, y (fit fluxes only).")
+@click.option("--box", default=None, type=click.IntRange(min=3), help="Fitting box side (px, default ~4 FWHM).")
+@click.option("--hdu", default=None, help="FITS extension of IMAGE.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@pass_ctx
+def photometry_cmd(ctx: Context, image: str, psf_path: str, output: str, catalog: str | None, fixed_position: bool,
+                   box: int | None, hdu: str | None, overwrite: bool) -> None:
+    """PSF-fit photometry of the sources of IMAGE with a PSF model (per tile, grouped fits)."""
+    import os
+
+    from .psf import load_psf, psf_photometry
+    from .psf.model import detect_for_psf
+
+    if os.path.exists(output) and not overwrite:
+        fail(f"{output} exists; pass --overwrite to replace it")
+    ds = open_or_fail(image, hdu=_hdu(hdu))
+    try:
+        psf = load_psf(psf_path)
+    except (OSError, ValueError, TypeError) as exc:
+        fail(f"cannot read PSF {psf_path!r}: {exc}")
+    with ctx.client():
+        cat = _read_catalog_or_fail(catalog) if catalog else detect_for_psf(ds, nx=ctx.nx, ny=ctx.ny)
+        try:
+            tab = psf_photometry(ds, cat, psf, fit_position=not fixed_position, nx=ctx.nx, ny=ctx.ny,
+                                 overlap=ctx.overlap, box=box)
+        except (ValueError, TypeError) as exc:
+            fail(str(exc))
+    try:
+        try:
+            from .io import write_table
+        except ImportError:  # pragma: no cover
+            write_table = None
+        if write_table is not None:
+            write_table(tab, output, overwrite=True)
+        else:  # pragma: no cover
+            tab.write(output, overwrite=True)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot write {output!r}: {exc}")
+    click.echo(f"wrote {output} ({len(tab)} sources)")
+
+
+# ===== calibrate =====
+@main.command("calibrate")
+@click.argument("raw")
+@click.option("-o", "--output", required=True, help="Output .fits file or .zarr store (path or URL).")
+@click.option("--bias", default=None, help="Master bias frame.")
+@click.option("--dark", default=None, help="Master dark frame.")
+@click.option("--flat", default=None, help="Master flat frame.")
+@click.option("--dark-scale", default=None, type=float,
+              help="Dark scale factor (default: t_raw/t_dark from DARKTIME/EXPTIME headers).")
+@click.option("--flat-norm", default="median", show_default=True, type=click.Choice(["median", "max"]),
+              help="Normalise the flat by the median or max of its good pixels.")
+@click.option("--dark-has-bias/--dark-bias-subtracted", default=True, show_default=True,
+              help="Whether the dark still contains the bias.")
+@click.option("--flat-has-bias/--flat-corrected", default=True, show_default=True,
+              help="Whether the flat still contains bias and dark current (removed before normalising).")
+@click.option("--saturation", default=None, type=float,
+              help="Raw-count level masked in every frame (e.g. 65535); default from the raw header.")
+@click.option("--hot-pixel-sigma", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Also mask dark-current outliers above this many robust sigma.")
+@click.option("--calib-variance", is_flag=True, help="Propagate the calibration frames' variance too.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@pass_ctx
+def calibrate_cmd(ctx: Context, raw: str, output: str, bias: str | None, dark: str | None, flat: str | None,
+                  dark_scale: float | None, flat_norm: str, dark_has_bias: bool, flat_has_bias: bool,
+                  saturation: float | None, hot_pixel_sigma: float | None, calib_variance: bool, overwrite: bool,
+                  storage_option) -> None:
+    """Calibrate RAW: subtract BIAS and the scaled DARK, divide by the normalised FLAT (lazy, per tile)."""
+    import warnings
+
+    from .calibrate import calibrate
+    from .io import write_fits, write_zarr
+
+    opts = _storage_options(storage_option)
+    if bias is None and dark is None and flat is None:
+        fail("give at least one of --bias, --dark, --flat")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = calibrate(raw, bias, dark, flat, dark_scale=dark_scale, flat_norm=flat_norm,
+                            dark_has_bias=dark_has_bias, flat_has_bias=flat_has_bias, saturation=saturation,
+                            hot_pixel_sigma=hot_pixel_sigma, calib_variance=calib_variance, storage_options=opts)
+        except (OSError, ValueError, TypeError) as exc:
+            fail(str(exc))
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    with ctx.client():
+        try:
+            if _is_fits_name(output):
+                write_fits(out, output, overwrite=overwrite, storage_options=opts)
+            else:
+                write_zarr(out, output, overwrite=overwrite, storage_options=opts)
+        except (OSError, ValueError, FileExistsError) as exc:
+            fail(str(exc))
+    p = out.attrs["parameters"]["calibrate"]
+    done = [f"bias {p['bias']}" if p["bias"] else "", f"dark {p['dark']} x {p['dark_scale']:.4g}" if p["dark"] else "",
+            f"flat {p['flat']} ({p['flat_norm']})" if p["flat"] else ""]
+    click.echo(f"wrote {output} ({', '.join(d for d in done if d)})")
+
+
+# ===== subtract =====
+@main.command("subtract")
+@click.argument("new")
+@click.argument("ref")
+@click.option("-o", "--output", required=True, help="Output .zarr (directory/URL): diff, scorr, s, fpsf, fpsf_err, mask, diff_psf.")
+@click.option("--method", default="zogy", show_default=True, type=click.Choice(["zogy", "sfft"]), help="Subtraction method.")
+@click.option("--fits", "fits_out", default=None, help="Also write a multi-extension FITS (DIFF primary, SCORR, FPSF, ...).")
+@click.option("--candidates", default=None, help="Also write transient candidates (ECSV/FITS/Parquet by extension).")
+@click.option("--plot", default=None, help="Also write a PNG of (new, ref, diff) cutouts of the candidates.")
+@click.option("--nsigma", default=5.0, show_default=True, type=float, help="Candidate threshold on |S_corr|.")
+@click.option("--new-gain", default=None, type=float, help="Gain of NEW in e-/ADU (default: header GAIN).")
+@click.option("--ref-gain", default=None, type=float, help="Gain of REF in e-/ADU (default: header GAIN).")
+@click.option("--scale", default=None, type=float, help="Flux ratio new/ref (default: fitted on stars).")
+@click.option("--align", is_flag=True, help="Reproject REF onto the WCS of NEW first.")
+@click.option("--psf-method", default="auto", show_default=True, type=click.Choice(["auto", "model", "empirical"]),
+              help="PSF estimate when no PSF is given (ZOGY).")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
+@click.option("--no-cluster", is_flag=True, help="Run on the local threaded scheduler instead of a LocalCluster.")
+@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@pass_ctx
+def subtract_cmd(ctx: Context, new: str, ref: str, output: str, method: str, fits_out: str | None,
+                 candidates: str | None, plot: str | None, nsigma: float, new_gain: float | None,
+                 ref_gain: float | None, scale: float | None, align: bool, psf_method: str, overwrite: bool,
+                 no_cluster: bool, storage_option) -> None:
+    """Subtract REF from NEW (aligned images) with ZOGY or SFFT, tile-parallel; optionally find transients."""
+    from .io import write_fits, write_table, write_zarr
+    from .subtract import find_transients, subtract
+
+    opts = _storage_options(storage_option)
+    new_ds = open_or_fail(new, storage_options=opts)
+    ref_ds = open_or_fail(ref, storage_options=opts)
+    kw: dict[str, Any] = {"nx": ctx.nx, "ny": ctx.ny, "overlap": ctx.overlap}
+    if method == "zogy":
+        kw.update(new_gain=new_gain, ref_gain=ref_gain, scale=scale, align=align, psf_method=psf_method)
+    cm = contextlib.nullcontext() if no_cluster else ctx.client()
+    with cm:
+        try:
+            res = subtract(new_ds, ref_ds, method=method, **kw)
+            write_zarr(res, output, overwrite=overwrite, storage_options=opts)
+            if fits_out:
+                planes = res.rename({"diff": "image"})
+                write_fits(planes, fits_out, overwrite=overwrite, storage_options=opts,
+                           variables=[v for v in ("image", "scorr", "s", "fpsf", "fpsf_err", "scaled", "noise", "mask")
+                                      if v in planes])
+            cand = None
+            if candidates or plot:
+                cand = find_transients(res, nsigma=nsigma, plot=plot)
+                if candidates:
+                    write_table(cand, candidates, overwrite=overwrite, storage_options=opts)
+        except (ValueError, TypeError, OSError, FileExistsError) as exc:
+            fail(str(exc))
+    msg = f"wrote {output}"
+    if method == "zogy":
+        msg += f" (flux scale {res.attrs['flux_scale']:.4f}, shift {res.attrs['shift'][0]:+.3f} {res.attrs['shift'][1]:+.3f} px)"
+    if cand is not None:
+        msg += f"; {len(cand)} candidates at {nsigma:g} sigma"
+    click.echo(msg)
+
+
 # === end of commands ===
 
 

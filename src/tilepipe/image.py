@@ -101,11 +101,12 @@ def cards_to_header(cards: Sequence[Sequence[Any]] | fits.Header | None) -> fits
     hdr = fits.Header()
     for card in cards or []:
         key, value, comment = (list(card) + [None, None, ""])[:3]
-        if key == "HISTORY":
-            hdr.add_history(value or "")
-        elif key == "COMMENT":
-            hdr.add_comment(value or "")
+        if key in ("HISTORY", "COMMENT"):
+            # bottom=True keeps interleaved HISTORY/COMMENT cards in their original order
+            hdr.append(fits.Card(key, "" if value is None else str(value)), bottom=True)
         else:
+            if (len(key) > 8 or " " in key) and not key.upper().startswith("HIERARCH "):
+                key = f"HIERARCH {key}"  # explicit, so astropy does not warn
             hdr.append(fits.Card(key, value, comment or ""), end=True)
     return hdr
 
@@ -389,9 +390,14 @@ def open_image(
         if tio.is_zarr(src, storage_options=opts):
             ds = tio.read_zarr(src, storage_options=opts, chunks=chunks)
             return open_image(ds, mask=mask, variance=variance, gain=gain, saturation=saturation, fwhm=fwhm, chunks=chunks)
-        data, header = tio.read_fits(src, hdu=hdu, chunks=chunks, storage_options=opts)
+        # planes: MASK/VARIANCE/... extensions of a file written by tilepipe.write_fits
+        data, header, planes = tio.read_fits_dataset(src, hdu=hdu, chunks=chunks, storage_options=opts)
+        file_mask, file_var = planes.pop("mask", None), planes.pop("variance", None)
+        if file_mask is not None:
+            mask = file_mask if mask is None else file_mask | da.asarray(mask).astype(bool)
         return make_dataset(
-            data, mask=mask, variance=variance, header=header, gain=gain, saturation=saturation, fwhm=fwhm, chunks=None
+            data, mask=mask, variance=variance if variance is not None else file_var, header=header, gain=gain,
+            saturation=saturation, fwhm=fwhm, chunks=None, extra=planes or None,
         )
     if isinstance(src, (np.ndarray, da.Array, xr.DataArray)) or hasattr(src, "__array__"):
         header = kwargs.pop("header", None)

@@ -1,0 +1,1118 @@
+"""Source detection per tile (sep / SExtractor) and the teaching-lab peak tools.
+
+Detection (:func:`detect_sources`)
+---------------------------------
+The background-subtracted image is searched with :func:`sep.extract`
+(Bertin & Arnouts 1996, A&AS 117, 393; Barbary 2016, JOSS 1, 58) tile by tile
+on the halo tiles of :class:`tilepipe.TileGrid`:
+
+* threshold ``nsigma * rms`` per pixel, where ``rms`` is the background noise
+  map of :func:`tilepipe.estimate_background` (or ``sqrt(variance)`` when no
+  rms map is available);
+* **ownership by the peak pixel**: a source belongs to the tile whose
+  half-open core holds its (unconvolved) peak pixel ``(xpeak, ypeak)``.  The
+  peak is an integer pixel, so ownership cannot flip between a tiled and a
+  whole-image run through rounding of a float centroid;
+* an object whose connected footprint (its whole deblending group) comes within
+  the filter half-width of the outer edge of its tile's halo (not the image
+  edge) was possibly cut: its tile is **re-run on a window with a 4x larger
+  halo** (up to ``max_regrow`` times).  Objects still cut after that keep flag
+  bit :data:`FLAG_HALO_CUT` (1024) and an :class:`~tilepipe.exceptions.OverlapWarning`
+  is issued;
+* ids are assigned after the merge, sorted by ``(y, x)``.
+
+Peak tools
+----------
+:func:`find_peaks`, :func:`centroids`, :func:`second_moments`,
+:func:`remove_close`: the steps of a teaching-lab photometric pipeline
+(maximum filter, light-weighted centroids, Gaussian widths from second
+moments, rejection of multiple peaks on one star), vectorised and tiled.
+
+Conventions: 0-based pixel coordinates, pixel centres at integers, arrays
+indexed ``[y, x]``, mask True = bad.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from astropy.table import Table
+
+from ._validate import as_pair, check_choice, check_int, check_positive
+from .exceptions import FallbackWarning, NoDetectionsWarning, OverlapWarning
+from .tiling import Tile, TileGrid, make_grid, merge_tables, tile_tables
+
+__all__ = [
+    "detect_sources",
+    "find_peaks",
+    "centroids",
+    "second_moments",
+    "remove_close",
+    "gaussian_kernel",
+    "FLAG_HALO_CUT",
+    "SEP_FLAGS",
+]
+
+log = logging.getLogger(__name__)
+
+#: flag bit set on a source whose footprint still touches the outer edge of its
+#: tile's halo after the tile was re-run with larger halos (measurement cut).
+FLAG_HALO_CUT = 1024
+
+#: meaning of the bits of the ``flags`` column (sep's own bits plus ours)
+SEP_FLAGS = {
+    1: "OBJ_MERGED: object was deblended from a blend",
+    2: "OBJ_TRUNC: object touches the image edge or a masked region",
+    4: "OBJ_DOVERFLOW: deblending overflow",
+    8: "OBJ_SINGU: singular moments",
+    FLAG_HALO_CUT: "HALO_CUT: footprint cut by a tile's halo edge (tiled measurement may differ)",
+}
+
+#: sep's process-global limits are set and used under this lock, so tile
+#: functions stay thread-safe (sep holds the GIL anyway: no parallelism lost).
+_SEP_LOCK = threading.Lock()
+
+_GAUSS_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # FWHM / sigma
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _f32(a: Any) -> np.ndarray:
+    """Native-endian, C-contiguous float32 copy/view (what sep needs)."""
+    return np.ascontiguousarray(np.asarray(a), dtype=np.float32)
+
+
+def _meta() -> dict[str, Any]:
+    import astropy
+    import sep
+
+    from . import __version__
+
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        "versions": {"tilepipe": __version__, "sep": sep.__version__, "numpy": np.__version__,
+                     "astropy": astropy.__version__},
+    }
+
+
+def gaussian_kernel(fwhm: float) -> np.ndarray:
+    """A normalised 2-D Gaussian filter kernel of the given FWHM (pixels).
+
+    The kernel is ``2 * ceil(1.5 * fwhm) + 1`` pixels square (truncated at
+    about 3.5 sigma), float32, summing to 1.
+    """
+    fwhm = check_positive("filter_fwhm", fwhm)
+    sigma = fwhm / _GAUSS_SIGMA
+    half = max(1, int(math.ceil(1.5 * fwhm)))
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    k = np.exp(-(xx * xx + yy * yy) / (2.0 * sigma * sigma))
+    return (k / k.sum()).astype(np.float32)
+
+
+_DEFAULT_KERNEL = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32)
+
+
+def _kernel(filter_fwhm: float | None) -> np.ndarray | None:
+    if filter_fwhm is None:
+        return _DEFAULT_KERNEL
+    if filter_fwhm is False or filter_fwhm == 0:
+        return None
+    return gaussian_kernel(filter_fwhm)
+
+
+def _dask2d(arr: Any, shape: tuple[int, int], name: str) -> da.Array:
+    if isinstance(arr, xr.DataArray):
+        arr = arr.data
+    if not isinstance(arr, da.Array):
+        a = np.asarray(arr)
+        if a.dtype.kind == "f" and not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+        arr = da.from_array(a, chunks=-1)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {arr.shape} but the image has shape {tuple(shape)}; they must match")
+    return arr
+
+
+def _resolve_background(ds: xr.Dataset, background: Any, nx: int, ny: int | None) -> tuple[da.Array, da.Array]:
+    """Background and threshold-noise maps (lazy) for ``ds``.
+
+    ``background`` may be None (run :func:`tilepipe.estimate_background`), a
+    Dataset with ``background`` (and optionally ``rms``), an array/DataArray
+    (background; noise from ``sqrt(variance)``) or a number (constant).
+    """
+    shape = ds["image"].shape
+    var = ds["variance"].data
+    if background is None:
+        from .background import estimate_background
+
+        bk = estimate_background(ds, nx=nx, ny=ny)
+        return _dask2d(bk["background"], shape, "background"), _dask2d(bk["rms"], shape, "rms")
+    if isinstance(background, xr.Dataset):
+        if "background" not in background:
+            raise ValueError(
+                f"the background Dataset has no 'background' variable (it has {list(background.data_vars)}); "
+                "pass the result of tilepipe.estimate_background"
+            )
+        b = _dask2d(background["background"], shape, "background")
+        r = _dask2d(background["rms"], shape, "rms") if "rms" in background else da.sqrt(var)
+        return b, r
+    if np.isscalar(background) and not isinstance(background, (str, bytes)):
+        value = float(background)  # type: ignore[arg-type]
+        if not np.isfinite(value):
+            raise ValueError(f"background must be finite; got {background!r}")
+        b = da.full(shape, value, dtype=np.float32, chunks=ds["image"].data.chunks)
+        return b, da.sqrt(var)
+    return _dask2d(background, shape, "background"), da.sqrt(var)
+
+
+def _empty_catalog(status: str = "ok") -> Table:
+    t = Table()
+    for name, dt in _COLUMNS:
+        t[name] = np.zeros(0, dtype=dt)
+    t.meta["status"] = status
+    return t
+
+
+_COLUMNS = [
+    ("x", np.float64), ("y", np.float64), ("flux", np.float64), ("flux_err", np.float64),
+    ("a", np.float64), ("b", np.float64), ("theta", np.float64), ("fwhm", np.float64),
+    ("ellipticity", np.float64), ("peak", np.float64), ("npix", np.int64), ("flags", np.int32),
+    ("x2", np.float64), ("y2", np.float64), ("xy", np.float64), ("cflux", np.float64),
+    ("xpeak", np.int64), ("ypeak", np.int64),
+    ("xmin", np.int64), ("xmax", np.int64), ("ymin", np.int64), ("ymax", np.int64),
+]
+
+
+# ---------------------------------------------------------------------------
+# detection: the tile function
+# ---------------------------------------------------------------------------
+def _sep_extract(data: np.ndarray, err: np.ndarray, bad: np.ndarray, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """One sep.extract call with the process-global limits set (under the lock)."""
+    import sep
+
+    # a box cannot hold more object pixels than it has pixels: small cutouts get small stacks
+    stack = int(p["pixstack"]) if p["pixstack"] else min(max(300_000, data.size // 8), max(data.size, 1024))
+    with _SEP_LOCK:
+        sep.set_extract_pixstack(stack)
+        sep.set_sub_object_limit(int(p["sub_object_limit"]))
+        return sep.extract(
+            np.ascontiguousarray(data, dtype=np.float32), float(p["nsigma"]),
+            err=np.ascontiguousarray(err, dtype=np.float32), mask=np.ascontiguousarray(bad, dtype=np.uint8),
+            minarea=int(p["minarea"]), filter_kernel=p["kernel"], filter_type=p["filter_type"],
+            deblend_nthresh=int(p["deblend_nthresh"]), deblend_cont=float(p["deblend_cont"]),
+            clean=bool(p["clean"]), clean_param=float(p["clean_param"]), segmentation_map=True,
+        )
+
+
+def _rows(objs: np.ndarray, seg: np.ndarray, var: np.ndarray, dy: int = 0, dx: int = 0) -> dict[str, np.ndarray]:
+    """Catalog columns from sep objects; coordinates shifted by ``(dy, dx)``."""
+    n = len(objs)
+    flux_var = np.bincount(seg.ravel(), weights=var.ravel(), minlength=n + 1)[1:n + 1]
+    a = np.asarray(objs["a"], dtype=np.float64)
+    b = np.asarray(objs["b"], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ell = np.where(a > 0, 1.0 - b / a, np.nan)
+    f8 = lambda k: np.asarray(objs[k], dtype=np.float64)  # noqa: E731
+    i8 = lambda k: np.asarray(objs[k], dtype=np.int64)  # noqa: E731
+    return {
+        "x": f8("x") + dx, "y": f8("y") + dy, "flux": f8("flux"), "flux_err": np.sqrt(flux_var),
+        "a": a, "b": b, "theta": f8("theta"), "fwhm": _GAUSS_SIGMA * np.sqrt(0.5 * (a * a + b * b)),
+        "ellipticity": ell, "peak": f8("peak"), "npix": i8("npix"),
+        "flags": np.asarray(objs["flag"], dtype=np.int32), "x2": f8("x2"), "y2": f8("y2"), "xy": f8("xy"),
+        "cflux": f8("cflux"), "xpeak": i8("xpeak") + dx, "ypeak": i8("ypeak") + dy,
+        "xmin": i8("xmin") + dx, "xmax": i8("xmax") + dx, "ymin": i8("ymin") + dy, "ymax": i8("ymax") + dy,
+    }
+
+
+def _detect_block(
+    img: np.ndarray,
+    bkg: np.ndarray,
+    rms: np.ndarray,
+    var: np.ndarray,
+    mask: np.ndarray,
+    *,
+    tile: Tile,
+    shape: tuple[int, int],
+    **params: Any,
+) -> Table:
+    """sep extraction on one outer box.  Pure and thread-safe.
+
+    Returns ``x, y`` and bboxes in global pixels and ``xpeak, ypeak`` in
+    local outer-box pixels (the engine shifts them and applies ownership).
+
+    Deblended groups are re-extracted alone on a cutout (other groups masked):
+    sep allocates the pixels of a blend to its children with a random number
+    generator that restarts at every ``sep.extract`` call, so a blend's
+    measurement would otherwise depend on how many blends were processed
+    before it in the same call, i.e. on the tiling.
+    """
+    from scipy import ndimage
+
+    data = _f32(img) - _f32(bkg)
+    err = _f32(rms)
+    v = np.asarray(var, dtype=np.float64)
+    bad = np.asarray(mask, dtype=bool) | ~np.isfinite(data) | ~np.isfinite(err) | (err <= 0)
+    if bad.all():
+        return _empty_catalog("masked")
+    data[bad] = 0.0
+    err[bad] = 1.0
+    v = np.where(bad | ~np.isfinite(v), 0.0, v)
+    try:
+        objs, seg = _sep_extract(data, err, bad, params)
+    except Exception as exc:  # sep raises bare Exceptions (pixel stack, deblending overflow, memory)
+        return _empty_catalog(f"failed: {exc}")
+    n = len(objs)
+    if n == 0:
+        return _empty_catalog("ok")
+    h, w = data.shape
+    rows = _rows(objs, seg, v)
+    # deblending groups = 8-connected components of the segmentation
+    groups, ngroups = ndimage.label(seg > 0, structure=np.ones((3, 3), dtype=bool))
+    obj_group = groups[rows["ypeak"], rows["xpeak"]].astype(np.int64)
+    missing = obj_group == 0  # peak outside its own segment (should not happen): use the segment
+    if missing.any():
+        obj_group[missing] = np.asarray(
+            ndimage.maximum(groups, labels=seg, index=np.flatnonzero(missing) + 1), dtype=np.int64)
+    kernel = params["kernel"]
+    kh = 0 if kernel is None else kernel.shape[0] // 2
+    margin = kh + 1
+    boxes = ndimage.find_objects(groups)
+    cut_group = np.zeros(ngroups + 1, dtype=bool)
+    y0, x0 = tile.origin
+    active = (y0 > 0, y0 + h < shape[0], x0 > 0, x0 + w < shape[1])  # bottom, top, left, right
+    for gi, sl in enumerate(boxes, start=1):
+        if sl is None or not any(active):
+            continue
+        ys, xs = sl
+        cut_group[gi] = (
+            (active[0] and ys.start <= margin) or (active[1] and ys.stop - 1 >= h - 1 - margin)
+            or (active[2] and xs.start <= margin) or (active[3] and xs.stop - 1 >= w - 1 - margin)
+        )
+    # re-extract blends one group at a time (deterministic pixel allocation)
+    nmemb = np.bincount(obj_group, minlength=ngroups + 1)
+    merged = np.bincount(obj_group, weights=(rows["flags"] & 1).astype(np.float64), minlength=ngroups + 1)
+    redo = np.flatnonzero(((nmemb > 1) | (merged > 0)) & ~cut_group)
+    redo = redo[redo > 0]
+    if redo.size:
+        keep = ~np.isin(obj_group, redo)
+        parts = [{k: v_[keep] for k, v_ in rows.items()}]
+        groups_out = [obj_group[keep]]
+        for g in redo:
+            ys, xs = boxes[g - 1]
+            sy = slice(max(0, ys.start - 2 * margin), min(h, ys.stop + 2 * margin))
+            sx = slice(max(0, xs.start - 2 * margin), min(w, xs.stop + 2 * margin))
+            gsub = groups[sy, sx]
+            cbad = bad[sy, sx] | ((gsub > 0) & (gsub != g))
+            try:
+                cobjs, cseg = _sep_extract(data[sy, sx], err[sy, sx], cbad, params)
+            except Exception as exc:
+                return _empty_catalog(f"failed: {exc}")
+            if len(cobjs) == 0:
+                continue
+            crow = _rows(cobjs, cseg, v[sy, sx], sy.start, sx.start)
+            mine = groups[crow["ypeak"], crow["xpeak"]] == g
+            parts.append({k: v_[mine] for k, v_ in crow.items()})
+            groups_out.append(np.full(int(mine.sum()), g, dtype=np.int64))
+        rows = {k: np.concatenate([p_[k] for p_ in parts]) for k in rows}
+        obj_group = np.concatenate(groups_out)
+    rows["flags"] = np.where(cut_group[obj_group], rows["flags"] | FLAG_HALO_CUT, rows["flags"]).astype(np.int32)
+    t = Table()
+    for name, dt in _COLUMNS:
+        col = np.asarray(rows[name]).astype(dt, copy=False)
+        if name in ("x", "xmin", "xmax"):
+            col = col + x0
+        elif name in ("y", "ymin", "ymax"):
+            col = col + y0
+        t[name] = col
+    t.meta["status"] = "ok"
+    return t
+
+
+def _own_rows(t: Table, grid: TileGrid, tile: Tile) -> Table:
+    """Shift local peaks to global and keep the rows owned by ``tile`` (engine rule)."""
+    t = Table(t, copy=False)
+    if len(t) == 0:
+        t["tile"] = np.zeros(0, dtype=np.int32)
+        return t
+    y0, x0 = tile.origin
+    t["xpeak"] = np.asarray(t["xpeak"], dtype=np.int64) + x0
+    t["ypeak"] = np.asarray(t["ypeak"], dtype=np.int64) + y0
+    t = t[grid.owner(t["xpeak"], t["ypeak"]) == tile.index]
+    t["tile"] = np.full(len(t), tile.index, dtype=np.int32)
+    return t
+
+
+def _window_tile(grid: TileGrid, tile: Tile, halo: tuple[int, int]) -> Tile:
+    """The tile with its outer box grown to ``core + halo`` (clipped at the image)."""
+    (cy, cx), (hy, hx) = tile.core, halo
+    Y0, Y1 = max(0, cy.start - hy), min(grid.shape[0], cy.stop + hy)
+    X0, X1 = max(0, cx.start - hx), min(grid.shape[1], cx.stop + hx)
+    return Tile(index=tile.index, iy=tile.iy, ix=tile.ix, core=tile.core,
+                outer=(slice(Y0, Y1), slice(X0, X1)),
+                inner=(slice(cy.start - Y0, cy.stop - Y0), slice(cx.start - X0, cx.stop - X0)))
+
+
+def _rerun_window(func: Callable[..., Table], grid: TileGrid, tile: Tile, kwargs: dict[str, Any], *blocks) -> Table:
+    t = func(*[np.asarray(b) for b in blocks], tile=tile, **kwargs)
+    status = t.meta.get("status", "ok")
+    t = _own_rows(t, grid, tile)
+    t.meta["status"] = status
+    return t
+
+
+def _default_overlap(fwhm: float, kernel: np.ndarray | None) -> int:
+    kh = 0 if kernel is None else kernel.shape[0] // 2
+    return int(max(16, math.ceil(5.0 * fwhm) + kh + 2))
+
+
+def detect_sources(
+    ds: Any,
+    nsigma: float = 1.5,
+    minarea: int = 5,
+    filter_fwhm: float | None = None,
+    deblend_nthresh: int = 32,
+    deblend_cont: float = 0.005,
+    background: Any = None,
+    *,
+    nx: int = 1,
+    ny: int | None = None,
+    overlap: int | Sequence[int] | None = None,
+    filter_type: str = "conv",
+    clean: bool = False,
+    clean_param: float = 1.0,
+    pixstack: int | None = None,
+    sub_object_limit: int = 4096,
+    max_regrow: int = 3,
+) -> Table:
+    """Detect sources with sep per tile and merge them into one catalog.
+
+    Parameters
+    ----------
+    ds : Dataset, array or path
+        The image (anything :func:`tilepipe.open_image` accepts).  ``mask``
+        (True = bad) pixels are excluded; ``variance`` gives ``flux_err``.
+    nsigma : float
+        Detection threshold in units of the per-pixel background noise
+        (``rms`` of the background, else ``sqrt(variance)``).
+    minarea : int
+        Minimum number of connected pixels above threshold.
+    filter_fwhm : float, optional
+        FWHM (pixels) of the Gaussian matched filter; ``None``: sep's default
+        3x3 kernel; ``0``: no filtering.
+    deblend_nthresh, deblend_cont : int, float
+        SExtractor deblending: number of sub-thresholds and minimum contrast.
+    background : None, Dataset, array or float
+        ``None`` runs :func:`tilepipe.estimate_background` with the same
+        ``nx, ny``; a Dataset with ``background`` (and ``rms``), an array
+        (background; noise from ``sqrt(variance)``) or a constant are used as
+        given.
+    nx, ny : int
+        Tiles along x and y (``ny`` defaults to ``nx``).
+    overlap : int or (int, int), optional
+        Halo width (pixels).  Default: ``max(16, ceil(5 * fwhm) + filter
+        half-width + 2)`` with ``fwhm`` from ``ds.attrs["fwhm"]``,
+        ``filter_fwhm`` or 3 px, clipped to the smallest tile core.  Objects
+        larger than the halo are recovered by re-running their tile with a
+        4x larger halo (see ``max_regrow``).
+    filter_type, clean, clean_param : see :func:`sep.extract`.
+    pixstack : int, optional
+        sep's pixel stack per tile (default ``max(300000, outer-box pixels / 8)``).
+        An overflow turns the tile into an empty, flagged tile with a
+        :class:`~tilepipe.exceptions.FallbackWarning`.
+    sub_object_limit : int
+        sep's deblending sub-object limit (set inside every task).
+    max_regrow : int
+        How many times a tile with an owned object cut by its halo edge is
+        re-run with a 4x larger halo.  Objects still cut get flag
+        :data:`FLAG_HALO_CUT` (1024) and an ``OverlapWarning`` is issued.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per source, sorted by ``(y, x)``: ``id`` (from 1), ``x, y``
+        (isophotal barycentre, global 0-based pixels), ``flux, flux_err``
+        (isophotal sum of the background-subtracted image and
+        ``sqrt(sum(variance))`` over the same pixels), ``a, b, theta``
+        (isophotal second-moment ellipse: sigma along the axes, pixels; theta
+        in radians counter-clockwise from +x), ``fwhm = 2.3548 *
+        sqrt((a^2 + b^2) / 2)``, ``ellipticity = 1 - b/a``, ``peak``,
+        ``npix``, ``flags`` (:data:`SEP_FLAGS`), ``tile``, ``xpeak, ypeak``
+        (the ownership pixel), bbox ``xmin..ymax``, ``x2, y2, xy, cflux``,
+        and ``ra, dec`` (degrees) when the image has a celestial WCS.
+        ``meta`` holds parameters, per-tile status and package versions.
+
+    Notes
+    -----
+    Tile invariance: with ``overlap`` at least the radius of the largest
+    object plus the filter half-width, the catalog equals the whole-image
+    catalog (same rows; positions and fluxes to float rounding) whenever the
+    same ``background`` is used.  See ``docs/detection.md``.
+    """
+    from .image import as_dataset, has_wcs, wcs
+
+    ds = as_dataset(ds)
+    nsigma = check_positive("nsigma", nsigma)
+    minarea = check_int("minarea", minarea, lower=1)
+    deblend_nthresh = check_int("deblend_nthresh", deblend_nthresh, lower=1)
+    deblend_cont = check_positive("deblend_cont", deblend_cont, allow_zero=True)
+    sub_object_limit = check_int("sub_object_limit", sub_object_limit, lower=1)
+    max_regrow = check_int("max_regrow", max_regrow, lower=0)
+    check_choice("filter_type", filter_type, ("matched", "conv"))
+    if pixstack is not None:
+        pixstack = check_int("pixstack", pixstack, lower=1000)
+    kernel = _kernel(filter_fwhm)
+    shape = tuple(ds["image"].shape)
+    fwhm = float(ds.attrs.get("fwhm") or (filter_fwhm or 3.0))
+    support = _default_overlap(fwhm, kernel)
+    probe = TileGrid(shape, nx=nx, ny=ny, overlap=0)
+    if overlap is None:
+        my, mx = probe.min_core
+        ov = (min(support, my) if probe.ny > 1 else 0, min(support, mx) if probe.nx > 1 else 0)
+    else:
+        ov = as_pair("overlap", overlap, lower=0)
+    grid = make_grid(shape, None, nx, ny, ov)
+    if overlap is not None:
+        grid.check_overlap(support, f"detect_sources (objects of FWHM {fwhm:g} px + filter)")
+
+    bkg, rms = _resolve_background(ds, background, grid.nx, grid.ny)
+    kwargs = dict(
+        shape=shape, nsigma=nsigma, minarea=minarea, kernel=kernel, filter_type=filter_type,
+        deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont, clean=clean, clean_param=clean_param,
+        pixstack=pixstack, sub_object_limit=sub_object_limit,
+    )
+    arrays = [ds["image"].data, bkg, rms, ds["variance"].data, ds["mask"].data]
+    tasks = tile_tables(_detect_block, *arrays, grid=grid, xcol="xpeak", ycol="ypeak", **kwargs)
+    tables = list(dask.compute(*tasks))
+    for i, t in enumerate(tables):
+        if t is None:
+            tables[i] = _empty_catalog()
+
+    # re-run tiles with owned objects cut by the halo edge, doubling the halo
+    halo = {t.index: grid.overlap for t in grid.tiles}
+    regrown: dict[int, int] = {}
+    darrays = [_dask2d(a, shape, "array") for a in arrays]
+    for _ in range(max_regrow):
+        todo = [k for k, t in enumerate(tables)
+                if len(t) and np.any(np.asarray(t["flags"]) & FLAG_HALO_CUT)]
+        if not todo:
+            break
+        jobs = []
+        for k in todo:
+            tile = grid.tile(k)
+            hy, hx = halo[k]
+            hy, hx = max(4 * hy, 32), max(4 * hx, 32)
+            halo[k] = (hy, hx)
+            wt = _window_tile(grid, tile, (hy, hx))
+            blocks = [a[wt.outer] for a in darrays]
+            jobs.append(dask.delayed(_rerun_window, pure=True)(_detect_block, grid, wt, kwargs, *blocks))
+            regrown[k] = regrown.get(k, 0) + 1
+        for k, t in zip(todo, dask.compute(*jobs)):
+            tables[k] = t
+    statuses = {k: t.meta.get("status", "ok") for k, t in enumerate(tables)}
+    if all(s == "masked" for s in statuses.values()):
+        raise ValueError(
+            "every pixel of the image is masked (mask, non-finite image, background or noise); "
+            "nothing can be detected. Check the mask and the input image."
+        )
+    masked = [k for k, s in statuses.items() if s == "masked"]
+    if masked:
+        warnings.warn(
+            f"detect_sources: tiles {masked} are entirely masked (mask, NaN image or undefined background/noise); "
+            "they contribute no sources",
+            FallbackWarning, stacklevel=2,
+        )
+    for k, s in statuses.items():
+        if s.startswith("failed"):
+            warnings.warn(
+                f"detect_sources: tile {k} ({grid.tile(k).core}) was left empty because sep failed: "
+                f"{s[len('failed: '):]}. Increase pixstack= / sub_object_limit=, raise nsigma, "
+                "or check the background subtraction.",
+                FallbackWarning, stacklevel=2,
+            )
+    cat = merge_tables(tables, xcol="x", ycol="y", id_col="id")
+    if len(cat) == 0:
+        cat = merge_tables([_own_rows(_empty_catalog(), grid, grid.tile(0))], id_col="id")
+        warnings.warn("detect_sources found no sources; lower nsigma or minarea, or check the background",
+                      NoDetectionsWarning, stacklevel=2)
+    for c in ("xpeak", "ypeak"):
+        cat[c] = np.asarray(cat[c]).astype(np.int64)
+    cut = (np.asarray(cat["flags"]) & FLAG_HALO_CUT) != 0
+    if cut.any():
+        kh = 0 if kernel is None else kernel.shape[0] // 2
+        size = np.maximum(cat["xmax"] - cat["xmin"], cat["ymax"] - cat["ymin"])[cut]
+        radius = int(np.ceil(np.max(size) / 2.0)) + kh + 2
+        warnings.warn(
+            f"detect_sources: {int(cut.sum())} sources are still cut by a tile halo after {max_regrow} "
+            f"regrowths (flag {FLAG_HALO_CUT}; largest radius about {radius} px): their tiled measurements "
+            f"differ from a whole-image run. Use overlap >= {radius}, fewer tiles, or a larger max_regrow.",
+            OverlapWarning, stacklevel=2,
+        )
+    order = ["id", "x", "y", "flux", "flux_err", "a", "b", "theta", "fwhm", "ellipticity", "peak", "npix",
+             "flags", "tile"]
+    cat = cat[order + [c for c in cat.colnames if c not in order]]
+    if has_wcs(ds) and len(cat):
+        ra, dec = wcs(ds).pixel_to_world_values(np.asarray(cat["x"]), np.asarray(cat["y"]))
+        cat["ra"] = np.asarray(ra, dtype=np.float64)
+        cat["dec"] = np.asarray(dec, dtype=np.float64)
+    cat.meta.clear()
+    cat.meta.update(_meta())
+    cat.meta.update({
+        "nsigma": nsigma, "minarea": minarea, "filter_fwhm": filter_fwhm, "deblend_nthresh": deblend_nthresh,
+        "deblend_cont": deblend_cont, "nx": grid.nx, "ny": grid.ny, "overlap": list(grid.overlap),
+        "ownership": "peak pixel (xpeak, ypeak)", "flag_halo_cut": FLAG_HALO_CUT,
+        "tile_status": {int(k): v for k, v in statuses.items() if v != "ok"},
+        "regrown_tiles": {int(k): v for k, v in regrown.items()},
+    })
+    return cat
+
+
+# ---------------------------------------------------------------------------
+# per-tile rows driver (also used by photometry)
+# ---------------------------------------------------------------------------
+def rows_per_tile(
+    func: Callable[..., dict[str, np.ndarray]],
+    arrays: Sequence[Any],
+    x: np.ndarray,
+    y: np.ndarray,
+    grid: TileGrid,
+    columns: dict[str, Any],
+    row_kwargs: dict[str, np.ndarray] | None = None,
+    **kwargs: Any,
+) -> dict[str, np.ndarray]:
+    """Evaluate ``func`` for catalog rows, each on the outer box of the tile owning it.
+
+    ``func(*blocks, x=, y=, origin=(y0, x0), shape=, **kwargs)`` gets the
+    outer-box blocks (numpy) and the *global* positions of the rows owned by
+    the tile, and returns a dict of per-row arrays.  Rows outside the image
+    get the fill values of ``columns`` (name -> (dtype, fill)).  Dask arrays
+    are sliced per tile, so no task holds the whole image.  ``row_kwargs``
+    are per-row arrays passed to ``func`` sliced to the tile's rows.
+    """
+    row_kwargs = row_kwargs or {}
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.size
+    out = {k: np.full(n, fill, dtype=dt) for k, (dt, fill) in columns.items()}
+    if n == 0:
+        return out
+    owner = np.asarray(grid.owner(x, y))
+    if grid.ntiles == 1 and not any(isinstance(a, da.Array) for a in arrays):
+        sel = np.flatnonzero(owner == 0)
+        if sel.size:
+            res = func(*[np.asarray(a) for a in arrays], x=x[sel], y=y[sel], origin=(0, 0), shape=grid.shape,
+                       **{k: np.asarray(v)[sel] for k, v in row_kwargs.items()}, **kwargs)
+            for k, v in res.items():
+                out[k][sel] = v
+        return out
+    darrays = [a if isinstance(a, da.Array) else da.from_array(np.asarray(a), chunks=grid.chunks) for a in arrays]
+    jobs, sels = [], []
+    f = dask.delayed(func, pure=True)
+    for tile in grid.tiles:
+        sel = np.flatnonzero(owner == tile.index)
+        if sel.size == 0:
+            continue
+        blocks = [a[tile.outer] for a in darrays]
+        jobs.append(f(*blocks, x=x[sel], y=y[sel], origin=tile.origin, shape=grid.shape,
+                      **{k: np.asarray(v)[sel] for k, v in row_kwargs.items()}, **kwargs))
+        sels.append(sel)
+    for sel, res in zip(sels, dask.compute(*jobs)):
+        for k, v in res.items():
+            out[k][sel] = v
+    return out
+
+
+# ---------------------------------------------------------------------------
+# peak tools
+# ---------------------------------------------------------------------------
+def _image_and_mask(image: Any, *, subtract_background: bool = True) -> tuple[Any, Any, bool]:
+    """Return (image, mask or None, lazy) from a numpy array, DataArray or Dataset.
+
+    For a Dataset the ``background`` variable is subtracted when present.
+    """
+    if isinstance(image, xr.Dataset):
+        if "image" not in image:
+            raise ValueError(f"the Dataset has no 'image' variable (it has {list(image.data_vars)})")
+        img = image["image"].data
+        if subtract_background and "background" in image:
+            img = img - image["background"].data.astype(np.float32)
+        m = image["mask"].data if "mask" in image else None
+        return img, m, isinstance(img, da.Array)
+    if isinstance(image, xr.DataArray):
+        image = image.data
+    if isinstance(image, da.Array):
+        if image.ndim != 2:
+            raise ValueError(f"image must be 2-D (y, x); got shape {image.shape}")
+        return image, None, True
+    a = np.asarray(image)
+    if a.ndim != 2:
+        raise ValueError(f"image must be 2-D (y, x); got shape {a.shape}")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"image must be numeric; got dtype {a.dtype}")
+    return _f32(a), None, False
+
+
+def _peaks_block(img: np.ndarray, *rest: np.ndarray, tile: Tile | None = None, threshold: float | None = None,
+                 footprint: int = 3, min_neighbors: int = 4, neighbor_frac: float = 0.5,
+                 has_mask: bool = False, has_thr: bool = False) -> Table:
+    from scipy import ndimage
+
+    data = _f32(img).astype(np.float64)
+    rest = list(rest)
+    thr = np.asarray(rest.pop(0), dtype=np.float64) if has_thr else float(threshold)  # type: ignore[arg-type]
+    bad = ~np.isfinite(data)
+    if has_mask:
+        bad |= np.asarray(rest.pop(0), dtype=bool)
+    data[bad] = -np.inf
+    mx = ndimage.maximum_filter(data, size=footprint, mode="constant", cval=-np.inf)
+    is_peak = (data == mx) & np.isfinite(data) & (data > thr)
+    if is_peak.any():
+        # plateaus (equal neighbouring maxima, e.g. saturated cores): keep the first pixel of each
+        lab, nl = ndimage.label(is_peak, structure=np.ones((3, 3), dtype=bool))
+        if nl < int(is_peak.sum()):
+            yy, xx = np.nonzero(is_peak)
+            first = np.zeros(nl + 1, dtype=bool)
+            keep = np.zeros(yy.size, dtype=bool)
+            for i, l in enumerate(lab[yy, xx]):  # row-major order -> lowest (y, x) first
+                if not first[l]:
+                    first[l] = keep[i] = True
+            is_peak[:] = False
+            is_peak[yy[keep], xx[keep]] = True
+    yy, xx = np.nonzero(is_peak)
+    pv = data[yy, xx]
+    pad = np.pad(data, 1, mode="constant", constant_values=-np.inf)
+    nelev = np.zeros(yy.size, dtype=np.int64)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            nelev += pad[yy + 1 + dy, xx + 1 + dx] > neighbor_frac * pv
+    keep = nelev >= min_neighbors
+    t = Table()
+    t["x"] = xx[keep].astype(np.float64)
+    t["y"] = yy[keep].astype(np.float64)
+    t["peak"] = pv[keep]
+    t["n_elevated"] = nelev[keep]
+    return t
+
+
+def find_peaks(
+    image: Any,
+    threshold: float | np.ndarray,
+    footprint: int = 3,
+    min_neighbors: int = 4,
+    neighbor_frac: float = 0.5,
+    *,
+    nx: int = 1,
+    ny: int | None = None,
+    overlap: int | None = None,
+) -> Table:
+    """Local maxima above ``threshold`` that are not hot pixels.
+
+    A pixel is a peak when it is the maximum of its ``footprint x footprint``
+    neighbourhood (:func:`scipy.ndimage.maximum_filter`), above ``threshold``
+    and at least ``min_neighbors`` of its 8 neighbours exceed ``neighbor_frac``
+    times its value.  A hot pixel or cosmic-ray hit has no elevated neighbours
+    and is rejected; a star (FWHM >= 2.5 px) has all 8.  Equal neighbouring
+    maxima (plateaus) give one peak, the first in ``(y, x)`` order.
+
+    Parameters
+    ----------
+    image : 2-D array or Dataset
+        **Sky-subtracted** pixel values (the neighbour test is relative to
+        zero).  For a Dataset, its ``background`` variable is subtracted when
+        present and ``mask`` pixels (True = bad) are never peaks.
+    threshold : float or 2-D array
+        Absolute threshold (image units), e.g. ``5 * rms``.
+    footprint : int
+        Odd size of the maximum filter (pixels).
+    min_neighbors : int
+        Minimum number of elevated 8-neighbours (0 disables the test).
+    neighbor_frac : float
+        A neighbour is elevated when above ``neighbor_frac * peak``.
+    nx, ny, overlap : int
+        Tiling (Datasets / dask images); default overlap ``footprint // 2 + 2``.
+
+    Returns
+    -------
+    Table
+        ``x, y`` (integer-valued float pixels), ``peak``, ``n_elevated``,
+        sorted by ``(y, x)``, plus ``id`` and ``tile``.
+    """
+    footprint = check_int("footprint", footprint, lower=1)
+    if footprint % 2 == 0:
+        raise ValueError(f"footprint must be odd; got {footprint}")
+    min_neighbors = check_int("min_neighbors", min_neighbors, lower=0)
+    if min_neighbors > 8:
+        raise ValueError(f"min_neighbors must be between 0 and 8; got {min_neighbors}")
+    neighbor_frac = check_positive("neighbor_frac", neighbor_frac, allow_zero=True)
+    img, mask, _ = _image_and_mask(image)
+    arrays = [img]
+    has_thr = not np.isscalar(threshold)
+    if has_thr:
+        thr = threshold.data if isinstance(threshold, xr.DataArray) else threshold
+        if tuple(np.shape(thr)) != tuple(img.shape):
+            raise ValueError(f"threshold has shape {np.shape(thr)} but the image has shape {img.shape}")
+        arrays.append(thr)
+        thr_value = None
+    else:
+        thr_value = float(threshold)  # type: ignore[arg-type]
+        if not np.isfinite(thr_value):
+            raise ValueError(f"threshold must be finite; got {threshold!r}")
+    if mask is not None:
+        arrays.append(mask)
+    ov = footprint // 2 + 2 if overlap is None else overlap
+    kw = dict(threshold=thr_value, footprint=footprint, min_neighbors=min_neighbors,
+              neighbor_frac=neighbor_frac, has_mask=mask is not None, has_thr=has_thr)
+    grid = make_grid(img.shape, None, nx, ny, ov)
+    grid.check_overlap(footprint // 2 + 2, "find_peaks")
+    if grid.ntiles == 1 and not any(isinstance(a, da.Array) for a in arrays):
+        t = _peaks_block(*[np.asarray(a) for a in arrays], tile=grid.tile(0), **kw)
+        t["tile"] = np.zeros(len(t), dtype=np.int32)
+        return merge_tables([t])
+    from .tiling import map_tiles_table
+
+    return map_tiles_table(_peaks_block, *arrays, grid=grid, **kw)
+
+
+def _positions(obj: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(obj, Table):
+        for xc, yc in (("x", "y"), ("x_centroid", "y_centroid"), ("xcentroid", "ycentroid")):
+            if xc in obj.colnames and yc in obj.colnames:
+                return np.asarray(obj[xc], dtype=np.float64), np.asarray(obj[yc], dtype=np.float64)
+        raise ValueError(f"{name} must have 'x' and 'y' columns; it has {obj.colnames}")
+    a = np.asarray(obj, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise ValueError(f"{name} must be a Table with x, y columns or an (N, 2) array of (x, y); got shape {a.shape}")
+    return a[:, 0].copy(), a[:, 1].copy()
+
+
+def _check_box(box: int) -> int:
+    box = check_int("box", box, lower=3)
+    if box % 2 == 0:
+        raise ValueError(f"box must be odd (a box centred on a pixel); got {box}")
+    return box
+
+
+def _edge_check(px: np.ndarray, py: np.ndarray, half: int, shape: tuple[int, int], edge: str,
+                what: str) -> np.ndarray:
+    ok = (px - half >= 0) & (py - half >= 0) & (px + half <= shape[1] - 1) & (py + half <= shape[0] - 1)
+    if edge == "raise" and not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise ValueError(
+            f"{what}: the source at (x={px[i]}, y={py[i]}) is closer than box/2 = {half} px to the image edge "
+            f"({int((~ok).sum())} such sources); pass edge='skip' to drop them or use a smaller box"
+        )
+    return ok
+
+
+def _stamps(arr: np.ndarray, px: np.ndarray, py: np.ndarray, half: int, origin: tuple[int, int]) -> np.ndarray:
+    off = np.arange(-half, half + 1)
+    yy = (py - origin[0])[:, None, None] + off[None, :, None]
+    xx = (px - origin[1])[:, None, None] + off[None, None, :]
+    return arr[yy, xx]
+
+
+def _sky_subtract(st: np.ndarray, sky: Any) -> np.ndarray:
+    if sky == "perimeter":
+        per = np.concatenate([st[:, 0, :], st[:, -1, :], st[:, 1:-1, 0], st[:, 1:-1, -1]], axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            level = np.nanmedian(per, axis=1)
+        return st - np.nan_to_num(level)[:, None, None]
+    if sky is None:
+        return st
+    return st - float(sky)
+
+
+def _centroid_block(img: np.ndarray, *rest: np.ndarray, x: np.ndarray, y: np.ndarray, origin: tuple[int, int],
+                    shape: tuple[int, int], box: int, sky: Any, maxiter: int, has_mask: bool) -> dict[str, np.ndarray]:
+    data = np.asarray(img, dtype=np.float64)
+    if has_mask:
+        data = np.where(np.asarray(rest[0], dtype=bool), np.nan, data)
+    half = box // 2
+    px = np.floor(x + 0.5).astype(np.int64)
+    py = np.floor(y + 0.5).astype(np.int64)
+    cx = np.full(x.size, np.nan)
+    cy = np.full(x.size, np.nan)
+    flux = np.full(x.size, np.nan)
+    active = np.ones(x.size, dtype=bool)
+    off = np.arange(-half, half + 1, dtype=np.float64)
+    for it in range(maxiter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        st = _sky_subtract(_stamps(data, px[idx], py[idx], half, origin), sky)
+        st = np.nan_to_num(st, nan=0.0)
+        s = st.sum(axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mx = (st.sum(axis=1) * off[None, :]).sum(axis=1) / s
+            my = (st.sum(axis=2) * off[None, :]).sum(axis=1) / s
+        good = s > 0
+        cx[idx] = np.where(good, px[idx] + mx, np.nan)
+        cy[idx] = np.where(good, py[idx] + my, np.nan)
+        flux[idx] = s
+        nx_ = np.floor(cx[idx] + 0.5)
+        ny_ = np.floor(cy[idx] + 0.5)
+        moved = good & ((nx_ != px[idx]) | (ny_ != py[idx]))
+        if it == maxiter - 1:
+            break
+        # recentre only where the new box stays inside the image
+        inside = moved & (nx_ - half >= 0) & (ny_ - half >= 0) & (nx_ + half <= shape[1] - 1) & (ny_ + half <= shape[0] - 1)
+        px[idx[inside]] = nx_[inside].astype(np.int64)
+        py[idx[inside]] = ny_[inside].astype(np.int64)
+        active[:] = False
+        active[idx[inside]] = True
+    return {"x": cx, "y": cy, "box_flux": flux}
+
+
+def centroids(
+    image: Any,
+    peaks: Any,
+    box: int = 11,
+    *,
+    edge: str = "raise",
+    sky: Any = "perimeter",
+    maxiter: int = 3,
+    nx: int = 1,
+    ny: int | None = None,
+) -> Table:
+    """Light-weighted (first-moment) sub-pixel centroids in a box around each peak.
+
+    ``x_c = sum(I * x) / sum(I)`` over the ``box x box`` pixels centred on
+    the peak pixel, where ``I`` is the image minus a local sky level; the box
+    is re-centred on the rounded centroid up to ``maxiter`` times.
+
+    Parameters
+    ----------
+    image : 2-D array or Dataset
+        Pixel values (``mask`` pixels of a Dataset get zero weight).
+    peaks : Table (``x, y``) or (N, 2) array of ``(x, y)``
+        Starting positions, global 0-based pixels.
+    box : int
+        Odd box size (pixels).
+    edge : {"raise", "skip"}
+        A peak closer than ``box // 2`` to the image edge raises ValueError, or
+        is dropped with ``"skip"``.
+    sky : "perimeter", float or None
+        Local sky: median of the box's border pixels, a constant, or none (the
+        image is already sky-subtracted).
+    maxiter : int
+        Number of centroid passes (1 = no re-centring).
+    nx, ny : int
+        Tiling for large/dask images (rows are computed on the tile owning them).
+
+    Returns
+    -------
+    Table
+        The input columns with ``x, y`` replaced by the centroids, ``x_peak,
+        y_peak`` (the input positions) and ``box_flux`` (sky-subtracted box sum).
+        NaN centroids where the box holds no positive flux.
+    """
+    box = _check_box(box)
+    check_choice("edge", edge, ("raise", "skip"))
+    maxiter = check_int("maxiter", maxiter, lower=1)
+    img, mask, _ = _image_and_mask(image)
+    x, y = _positions(peaks, "peaks")
+    half = box // 2
+    px = np.floor(x + 0.5).astype(np.int64)
+    py = np.floor(y + 0.5).astype(np.int64)
+    ok = _edge_check(px, py, half, img.shape, edge, "centroids")
+    grid = make_grid(img.shape, None, nx, ny, half * (maxiter + 1) + 1)
+    arrays = [img] + ([mask] if mask is not None else [])
+    res = rows_per_tile(_centroid_block, arrays, x[ok], y[ok], grid,
+                        {"x": (np.float64, np.nan), "y": (np.float64, np.nan), "box_flux": (np.float64, np.nan)},
+                        box=box, sky=sky, maxiter=maxiter, has_mask=mask is not None)
+    out = Table(peaks[ok]) if isinstance(peaks, Table) else Table()
+    out["x_peak"] = x[ok]
+    out["y_peak"] = y[ok]
+    out["x"] = res["x"]
+    out["y"] = res["y"]
+    out["box_flux"] = res["box_flux"]
+    if (~ok).any():
+        log.info("centroids: skipped %d peaks closer than %d px to the edge", int((~ok).sum()), half)
+    return out
+
+
+def _moments_block(img: np.ndarray, *rest: np.ndarray, x: np.ndarray, y: np.ndarray, origin: tuple[int, int],
+                   shape: tuple[int, int], box: int, sky: Any, has_mask: bool) -> dict[str, np.ndarray]:
+    data = np.asarray(img, dtype=np.float64)
+    if has_mask:
+        data = np.where(np.asarray(rest[0], dtype=bool), np.nan, data)
+    half = box // 2
+    px = np.floor(x + 0.5).astype(np.int64)
+    py = np.floor(y + 0.5).astype(np.int64)
+    st = np.nan_to_num(_sky_subtract(_stamps(data, px, py, half, origin), sky), nan=0.0)
+    off = np.arange(-half, half + 1, dtype=np.float64)
+    dx = (px - x)[:, None, None] + off[None, None, :]
+    dy = (py - y)[:, None, None] + off[None, :, None]
+    s = st.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vx = (st * dx * dx).sum(axis=(1, 2)) / s - 1.0 / 12.0
+        vy = (st * dy * dy).sum(axis=(1, 2)) / s - 1.0 / 12.0
+        cxy = (st * dx * dy).sum(axis=(1, 2)) / s
+        sx = np.where((s > 0) & (vx > 0), np.sqrt(np.abs(vx)), np.nan)
+        sy = np.where((s > 0) & (vy > 0), np.sqrt(np.abs(vy)), np.nan)
+    return {"sigma_x": sx, "sigma_y": sy, "sigma_xy": np.where(s > 0, cxy, np.nan)}
+
+
+def second_moments(
+    image: Any,
+    centroids: Any,
+    box: int,
+    *,
+    edge: str = "raise",
+    sky: Any = "perimeter",
+    nx: int = 1,
+    ny: int | None = None,
+) -> Table:
+    """Gaussian widths from light-weighted second moments around given centroids.
+
+    ``sigma_x^2 = sum(I (x - x_c)^2) / sum(I) - 1/12`` (and the same in y),
+    where ``I`` is the sky-subtracted image in a ``box x box`` box centred on
+    the rounded centroid; the ``1/12`` is Sheppard's correction for pixel
+    integration (a pixelated Gaussian of width sigma has second moment
+    ``sigma^2 + 1/12``).  Use a box of at least ``8 sigma`` (truncation biases
+    the width low: a box of +-4 sigma loses < 0.3 %).
+
+    Parameters
+    ----------
+    image : 2-D array or Dataset
+    centroids : Table (``x, y``) or (N, 2) array
+        Centres (e.g. from :func:`centroids`).
+    box : int
+        Odd box size (pixels).
+    edge, sky, nx, ny : see :func:`centroids`.
+
+    Returns
+    -------
+    Table
+        ``x, y, sigma_x, sigma_y, sigma_xy`` (pixels, pixels^2 for
+        ``sigma_xy``), ``sigma = sqrt((sigma_x^2 + sigma_y^2) / 2)`` and
+        ``fwhm = 2.3548 sigma``; NaN where undefined (no positive flux).
+    """
+    box = _check_box(box)
+    check_choice("edge", edge, ("raise", "skip"))
+    img, mask, _ = _image_and_mask(image)
+    x, y = _positions(centroids, "centroids")
+    half = box // 2
+    finite = np.isfinite(x) & np.isfinite(y)
+    px = np.floor(np.where(finite, x, half) + 0.5).astype(np.int64)
+    py = np.floor(np.where(finite, y, half) + 0.5).astype(np.int64)
+    ok = _edge_check(px, py, half, img.shape, edge, "second_moments") & finite
+    grid = make_grid(img.shape, None, nx, ny, half + 1)
+    arrays = [img] + ([mask] if mask is not None else [])
+    cols = {"sigma_x": (np.float64, np.nan), "sigma_y": (np.float64, np.nan), "sigma_xy": (np.float64, np.nan)}
+    res = rows_per_tile(_moments_block, arrays, x[ok], y[ok], grid, cols, box=box, sky=sky, has_mask=mask is not None)
+    out = Table()
+    out["x"] = x[ok]
+    out["y"] = y[ok]
+    for k in cols:
+        out[k] = res[k]
+    out["sigma"] = np.sqrt(0.5 * (out["sigma_x"] ** 2 + out["sigma_y"] ** 2))
+    out["fwhm"] = _GAUSS_SIGMA * out["sigma"]
+    return out
+
+
+def remove_close(positions: Any, min_sep: float, *, keep: str = "none", flux_col: str = "peak") -> Any:
+    """Drop groups of positions closer than ``min_sep`` (several peaks on one star, or blends).
+
+    Positions are linked when closer than ``min_sep`` pixels; linked positions
+    form groups (friends of friends).  ``keep="none"`` drops every member of a
+    group (blended stars spoil aperture photometry), ``"brightest"`` keeps the
+    member with the largest ``flux_col`` (several peaks on one star).
+
+    Parameters
+    ----------
+    positions : Table (``x, y``) or (N, 2) array
+    min_sep : float
+        Separation in pixels.
+    keep : {"none", "brightest"}
+    flux_col : str
+        Column ranking group members for ``keep="brightest"``.
+
+    Returns
+    -------
+    Same type as ``positions``, with the dropped rows removed (order kept).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    min_sep = check_positive("min_sep", min_sep)
+    check_choice("keep", keep, ("none", "brightest"))
+    x, y = _positions(positions, "positions")
+    n = x.size
+    if n < 2:
+        return positions[:] if isinstance(positions, Table) else np.asarray(positions, dtype=np.float64).copy()
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(min_sep, output_type="ndarray")
+    # query_pairs uses <= r: drop pairs exactly at min_sep (strictly closer than min_sep)
+    if len(pairs):
+        d = np.hypot(x[pairs[:, 0]] - x[pairs[:, 1]], y[pairs[:, 0]] - y[pairs[:, 1]])
+        pairs = pairs[d < min_sep]
+    g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])) if len(pairs) else ([], ([], [])), shape=(n, n))
+    _, labels = connected_components(g, directed=False)
+    sizes = np.bincount(labels)
+    keep_mask = sizes[labels] == 1
+    if keep == "brightest":
+        if not isinstance(positions, Table) or flux_col not in positions.colnames:
+            raise ValueError(f"keep='brightest' needs a Table with a {flux_col!r} column (flux_col=)")
+        f = np.asarray(positions[flux_col], dtype=np.float64)
+        order = np.lexsort((-f, labels))
+        first = np.ones(n, dtype=bool)
+        first[1:] = labels[order][1:] != labels[order][:-1]
+        keep_mask[order[first]] = True
+    if isinstance(positions, Table):
+        return positions[keep_mask]
+    return np.asarray(positions, dtype=np.float64)[keep_mask]
+
+
+# ---------------------------------------------------------------------------
+# quick-look plot
+# ---------------------------------------------------------------------------
+def plot_detections(ds: Any, cat: Table, path: str, *, max_pixels: int = 4096 * 4096, radius: float | None = None) -> str:
+    """Write a PNG quick-look: zscale-stretched image with detections circled (matplotlib Agg).
+
+    Images larger than ``max_pixels`` are shown block-averaged (binned) so the
+    plot never loads more than that many pixels at full resolution.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from astropy.visualization import ZScaleInterval
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
+    from .image import as_dataset
+
+    ds = as_dataset(ds)
+    img = ds["image"].data
+    h, w = img.shape
+    binf = max(1, int(math.ceil(math.sqrt(h * w / max_pixels))))
+    if binf > 1:
+        hh, ww = (h // binf) * binf, (w // binf) * binf
+        img = img[:hh, :ww].reshape(hh // binf, binf, ww // binf, binf).mean(axis=(1, 3))
+    arr = np.asarray(img.compute() if hasattr(img, "compute") else img, dtype=np.float32)
+    finite = arr[np.isfinite(arr)]
+    vmin, vmax = ZScaleInterval().get_limits(finite) if finite.size else (0.0, 1.0)
+    fig = Figure(figsize=(8, 8 * h / max(w, 1)), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(arr, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest",
+              extent=(-0.5, w - 0.5, -0.5, h - 0.5))
+    rad = radius or max(3.0, 2.0 * float(np.nanmedian(cat["fwhm"])) if len(cat) and "fwhm" in cat.colnames else 5.0)
+    for xx, yy in zip(np.asarray(cat["x"]), np.asarray(cat["y"])):
+        ax.add_patch(Circle((xx, yy), rad, fill=False, color="lime", lw=0.6))
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(-0.5, h - 0.5)
+    ax.set_axis_off()
+    fig.savefig(path)
+    return path

@@ -1,0 +1,316 @@
+"""Zarr v3 stores of image Datasets (zarr-python 3), local or on any fsspec URL.
+
+Layout of a store written by :func:`write_zarr`::
+
+    out.zarr/zarr.json            group: attrs (header cards, gain, ..., provenance)
+                                  + consolidated metadata of every array
+    out.zarr/image/zarr.json      array: dimension_names ["y", "x"], Blosc zstd+shuffle
+    out.zarr/image/c/0/0 ...      one chunk object per tile core
+    out.zarr/mask/...             bool (True = bad)
+    out.zarr/variance/...
+
+Atomicity: local stores are written under a hidden sibling name and renamed
+into place.  On URLs (object stores have no rename) the arrays are written
+first and the root ``zarr.json`` last: it is the completion marker, and
+:func:`read_zarr` refuses a store without it ("incomplete store").  A failed
+write removes what it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from . import _fs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["is_zarr", "read_zarr", "write_zarr", "default_compressor"]
+
+_CONSOLIDATED_MSG = "Consolidated metadata is currently not part in the Zarr format 3 specification"
+
+
+def default_compressor() -> Any:
+    """Blosc zstd (level 5) with byte shuffle: the default Zarr compressor."""
+    import zarr
+
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def _store(url: str, storage_options: dict[str, Any] | None, read_only: bool) -> Any:
+    from zarr.storage import FsspecStore, LocalStore
+
+    lp = _fs.local_path(url)
+    if lp is not None:
+        return LocalStore(lp, read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def is_zarr(src: Any, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when ``src`` looks like a Zarr store (a ``.zarr`` name, or a folder/prefix with Zarr metadata).
+
+    Only metadata keys are checked (one small request per key on a URL).
+    """
+    if not isinstance(src, (str, os.PathLike)):
+        return False
+    url = _fs.as_str(src, "src")
+    if url.rstrip("/").lower().endswith(".zarr"):
+        return True
+    fs, path = _fs.get_fs(url, storage_options)
+    try:
+        if not fs.isdir(path):
+            return False
+        return any(fs.exists(f"{path.rstrip('/')}/{key}") for key in ("zarr.json", ".zgroup", ".zarray"))
+    except (OSError, ValueError):
+        return False
+
+
+def _open_root(url: str, storage_options: dict[str, Any] | None) -> Any:
+    import zarr
+
+    store = _store(url, storage_options, read_only=True)
+    try:
+        return zarr.open(store=store, mode="r")
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # zarr raises its own NodeNotFound errors
+        if "not found" not in str(exc).lower() and "NotFound" not in type(exc).__name__:
+            raise
+    fs, path = _fs.get_fs(url, storage_options)
+    try:
+        leftovers = fs.exists(path) and bool(fs.find(path, maxdepth=3))
+    except (OSError, ValueError):
+        leftovers = False
+    if leftovers:
+        raise ValueError(
+            f"{url!r} is an incomplete Zarr store (no root zarr.json: the write was interrupted, or it is not a "
+            "Zarr store); write it again with overwrite=True, or delete it"
+        )
+    hint = "check the path" if _fs.local_path(url) else _fs.describe_remote(fs, url)
+    raise FileNotFoundError(f"no Zarr store at {url!r}; {hint}")
+
+
+def _dask_from(arr: Any, chunks: Any) -> da.Array:
+    if chunks is None:
+        chunks = arr.chunks
+    return da.from_zarr(arr, chunks=chunks)
+
+
+def _dims(arr: Any) -> tuple[str, ...]:
+    names = None
+    try:
+        names = arr.metadata.dimension_names
+    except AttributeError:
+        names = None
+    if not names or any(n is None for n in names):
+        names = arr.attrs.get("_ARRAY_DIMENSIONS")
+    if not names:
+        names = ("y", "x") if arr.ndim == 2 else tuple(f"dim_{i}" for i in range(arr.ndim))
+    return tuple(names)
+
+
+def read_zarr(url: Any, storage_options: dict[str, Any] | None = None, chunks: Any = None) -> xr.Dataset:
+    """Open a Zarr store (v3, or v2) lazily as an :class:`xarray.Dataset`.
+
+    Every array of the root group becomes a dask-backed variable (dims from
+    the Zarr ``dimension_names``; bool masks stay bool), group attributes
+    become ``ds.attrs`` (``header`` cards, ``gain``, ``provenance``...).
+
+    Parameters
+    ----------
+    url : str or path
+        Local path or fsspec URL of the store.
+    storage_options : dict, optional
+        fsspec options; they travel with the dask graph to the workers.
+    chunks : int or tuple, optional
+        Dask chunks (default: the store's chunks, i.e. the tile cores).
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``url``.
+    ValueError
+        An incomplete store (interrupted write: no root ``zarr.json``).
+    """
+    import zarr
+
+    url = _fs.as_str(url, "url")
+    root = _open_root(url, storage_options)
+    attrs = dict(root.attrs)
+    data_vars: dict[str, Any] = {}
+    if isinstance(root, zarr.Array):
+        name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr") or "image"
+        data_vars[name] = (_dims(root), _dask_from(root, chunks))
+        attrs = {}
+    else:
+        for name, arr in sorted(root.arrays(), key=lambda kv: kv[0]):
+            d = _dask_from(arr, chunks)
+            v = xr.Variable(_dims(arr), d, attrs={k: val for k, val in arr.attrs.items() if k != "_ARRAY_DIMENSIONS"})
+            data_vars[name] = v
+    order = [k for k in ("image", "mask", "variance") if k in data_vars] + [k for k in data_vars if k not in ("image", "mask", "variance")]
+    return xr.Dataset({k: data_vars[k] for k in order}, attrs=attrs)
+
+
+def _regular_chunks(arr: da.Array, chunks: Any) -> tuple[int, ...]:
+    """Zarr chunk shape for ``arr``; rechunk ``arr`` when its chunks are not Zarr-regular."""
+    if chunks is not None:
+        if isinstance(chunks, (int, np.integer)):
+            return tuple(min(int(chunks), s) for s in arr.shape)
+        cs = tuple(int(c) for c in chunks)
+        if len(cs) != arr.ndim:
+            raise ValueError(f"chunks must be an int or {arr.ndim} ints; got {chunks!r}")
+        return tuple(min(c, s) if c > 0 else s for c, s in zip(cs, arr.shape))
+    return tuple(max(c) if c else 1 for c in arr.chunks)
+
+
+def _is_regular(dchunks: tuple[tuple[int, ...], ...], zchunks: tuple[int, ...]) -> bool:
+    for dc, zc in zip(dchunks, zchunks):
+        if any(c != zc for c in dc[:-1]) or (dc and dc[-1] > zc):
+            return False
+    return True
+
+
+def write_zarr(
+    ds: Any,
+    url: Any,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    chunks: Any = None,
+    compressor: Any = None,
+    consolidated: bool = True,
+) -> str:
+    """Write a Dataset to a Zarr v3 store, chunk by chunk from the workers.
+
+    Every data variable becomes a Zarr array with ``dimension_names`` equal to
+    its dims; 2-D arrays are chunked like their dask chunks (the tile cores:
+    one Zarr chunk per core, written by the task that computed it, so memory
+    stays bounded and nothing is gathered on the client).  Cores of unequal
+    size (``TileGrid`` remainders) are rechunked to the largest core, since
+    a Zarr grid is regular.  Bool masks stay bool.  ``ds.attrs`` are stored
+    JSON-safe (the FITS ``header`` as ordered ``[keyword, value, comment]``
+    cards) plus ``provenance`` (tilepipe version, UTC date, package versions,
+    ``attrs["parameters"]``).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset or array
+        The product (arrays are wrapped with :func:`tilepipe.open_image`).
+    url : str or path
+        Local path or fsspec URL (``memory://``, ``s3://bucket/key.zarr``...).
+    overwrite : bool
+        Replace an existing store (default: ``FileExistsError``).
+    storage_options : dict, optional
+        fsspec options (credentials, endpoint); pickled to the workers.
+    chunks : int or tuple, optional
+        Chunk shape to use instead of the dask chunks.
+    compressor : zarr codec, optional
+        Default: :func:`default_compressor` (Blosc zstd + shuffle).
+    consolidated : bool
+        Write consolidated metadata into the root ``zarr.json`` (one request
+        opens the whole store).
+
+    Returns
+    -------
+    str
+        The path or URL written.
+
+    Raises
+    ------
+    FileExistsError
+        ``url`` exists and ``overwrite`` is false.
+    FileNotFoundError
+        The parent folder or the bucket does not exist (nothing is written).
+    """
+    url = _fs.as_str(url, "url")
+    if not isinstance(ds, xr.Dataset):
+        from ..image import open_image
+
+        ds = open_image(ds)
+    if not ds.data_vars:
+        raise ValueError("the Dataset has no variables to write")
+    comp = default_compressor() if compressor is None else compressor
+    lp = _fs.local_path(url)
+    fs, path = _fs.get_fs(url, storage_options)
+    if lp is not None:
+        _fs.check_local_parent(lp)
+        if os.path.lexists(lp) and not overwrite:
+            raise _fs.exists_error(url)
+        target = _fs.tmp_sibling(lp)
+        try:
+            _write_store(ds, target, None, chunks, comp, consolidated)
+            _fs.commit_local(target, lp, overwrite)
+        finally:
+            _fs.remove_local(target)
+        return url
+    _fs.check_bucket(fs, path, url)
+    if fs.exists(path):
+        if not overwrite:
+            raise _fs.exists_error(url)
+        fs.rm(path, recursive=True)
+    try:
+        _write_store(ds, url, storage_options, chunks, comp, consolidated)
+    except BaseException:
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        except Exception as exc:  # pragma: no cover - best effort
+            log.warning("could not clean up the incomplete store %s: %s", url, exc)
+        raise
+    return url
+
+
+def _write_store(ds: xr.Dataset, url: str, storage_options: dict[str, Any] | None, chunks: Any, comp: Any,
+                 consolidated: bool) -> None:
+    import zarr
+
+    from ..image import DEFAULT_CHUNK
+
+    sources, targets = [], []
+    for name, var in ds.data_vars.items():
+        data = var.data
+        if not isinstance(data, da.Array):
+            data = da.from_array(np.asarray(data), chunks=DEFAULT_CHUNK if var.ndim else ())
+        if data.dtype.kind not in "biuf":
+            raise TypeError(f"variable {name!r} has dtype {data.dtype}; write_zarr stores bool, integer and float arrays")
+        if data.ndim == 0:
+            raise ValueError(f"variable {name!r} is a scalar; store it in ds.attrs instead")
+        zchunks = _regular_chunks(data, chunks)
+        if not _is_regular(data.chunks, zchunks):
+            log.info("write_zarr: rechunking %r from %s to the regular grid %s", name, data.chunks, zchunks)
+            data = data.rechunk(zchunks)
+        if not data.dtype.isnative:
+            data = data.astype(data.dtype.newbyteorder("="))
+        # each array gets its own store rooted at url/name: no parent group is written yet
+        arr = zarr.create_array(
+            _store(_join(url, name), storage_options, read_only=False),
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=zchunks,
+            compressors=[comp] if comp else None,
+            dimension_names=tuple(str(d) for d in var.dims),
+            attributes=_fs.json_safe(dict(var.attrs)),
+            zarr_format=3,
+        )
+        sources.append(data)
+        targets.append(arr)
+    # chunks are aligned with the Zarr grid: tasks write disjoint chunks, no lock needed
+    da.store(sources, targets, lock=False, compute=True)
+    attrs = _fs.json_safe(dict(ds.attrs))
+    attrs["provenance"] = _fs.provenance(ds.attrs.get("parameters"))
+    root_store = _store(url, storage_options, read_only=False)
+    zarr.create_group(root_store, attributes=attrs, zarr_format=3)  # the completion marker
+    if consolidated:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CONSOLIDATED_MSG)
+            zarr.consolidate_metadata(root_store)

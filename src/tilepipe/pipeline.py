@@ -1,0 +1,676 @@
+"""A night's reduction from a TOML config: steps, products, resumability.
+
+``tilepipe run night.toml`` / :func:`run_pipeline` reads a config like::
+
+    [run]
+    output = "s3://survey/night-2026-11-21"   # or a local folder
+    nx = 2
+    ny = 2
+    overlap = 64
+    storage_options = { key = "...", secret = "...", client_kwargs = { endpoint_url = "http://..." } }
+
+    [calibration]            # optional; paths or URLs
+    bias = "cal/bias.fits"
+    dark = "cal/dark.fits"
+    flat = "cal/flat.fits"
+
+    [exposures]              # globs, URLs or a manifest (CSV/ECSV with columns path[, field])
+    paths = ["raw/*.fits"]
+    # manifest = "night.csv"
+    field_key = "OBJECT"     # header keyword naming the field (default OBJECT)
+
+    [references]             # one reference image per field ("*" = any field)
+    M31 = "refs/M31.fits"
+
+    [steps]                  # run in this order; a missing table means "skip that step"
+    calibrate = {}
+    background = { mesh = 64, filter_size = 3 }
+    detect = { nsigma = 5.0, minarea = 5 }
+    psf = { degree = 1 }
+    subtract = { method = "zogy" }
+    transients = { nsigma = 5.0 }
+
+Products per exposure ``<output>/<exposure-name>/``: ``products.zarr`` (image,
+mask, variance, background, rms, diff, scorr, ...), ``catalog.ecsv``,
+``psf.fits``, ``candidates.ecsv``, ``candidates.png``, ``quicklook.png`` and
+``_COMPLETE.json`` (timings, counts, resolved config, package versions),
+written **last**: a product without it is incomplete and is redone on the next
+run; complete ones are skipped unless ``force=True``.  Local products are
+written in a temporary folder and renamed into place.  A failing exposure is
+recorded in the run summary (``summary.json``, ``summary.html``) and the night
+goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as _dt
+import glob as _glob
+import html
+import io as _io
+import json
+import logging
+import os
+import posixpath
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_pipeline", "load_config", "validate_config", "ConfigError", "STEPS"]
+
+#: the steps a night can run, in execution order
+STEPS = ("calibrate", "background", "detect", "psf", "subtract", "transients")
+
+_RUN_KEYS = {"output", "nx", "ny", "overlap", "storage_options", "scheduler", "quicklook", "catalog_format", "name"}
+_CAL_KEYS = {"bias", "dark", "flat", "dark_scale", "flat_norm"}
+_EXP_KEYS = {"paths", "manifest", "field_key", "field"}
+_TOP_KEYS = {"run", "calibration", "exposures", "references", "steps"}
+_STEP_KEYS: dict[str, set[str] | None] = {
+    "calibrate": {"dark_scale", "flat_norm"},
+    "background": {"mesh", "filter_size", "method", "order"},
+    "detect": {"nsigma", "minarea", "filter_fwhm", "deblend_nthresh", "deblend_cont"},
+    "psf": {"size", "degree", "model", "oversampling"},
+    "subtract": None,  # passed through to tilepipe.subtract (validated there)
+    "transients": {"nsigma", "cutouts"},
+}
+COMPLETE = "_COMPLETE.json"
+
+
+class ConfigError(ValueError):
+    """The pipeline configuration is invalid (the message names the key and the fix)."""
+
+
+# ----------------------------------------------------------------- config
+def load_config(src: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a TOML file (or take a mapping) and return the validated, resolved config."""
+    if isinstance(src, Mapping):
+        cfg = copy.deepcopy(dict(src))
+        base = Path.cwd()
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # pragma: no cover - python < 3.11
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            cfg = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = path.resolve().parent
+    return validate_config(cfg, base=base)
+
+
+def _is_url(p: str) -> bool:
+    return "://" in p
+
+
+def _resolve(p: str, base: Path) -> str:
+    if _is_url(p) or os.path.isabs(p):
+        return p
+    return str((base / p).resolve())
+
+
+def _unknown(section: str, keys: set[str], allowed: set[str]) -> None:
+    bad = sorted(set(keys) - allowed)
+    if bad:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(repr(b) for b in bad)} in [{section}]; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def validate_config(cfg: Mapping[str, Any], base: Path | None = None) -> dict[str, Any]:
+    """Check a config mapping and return it resolved (paths absolute, defaults filled).
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending key and the fix.
+    """
+    base = base or Path.cwd()
+    cfg = copy.deepcopy(dict(cfg))
+    _unknown("top level", set(cfg), _TOP_KEYS)
+    run = dict(cfg.get("run") or {})
+    _unknown("run", set(run), _RUN_KEYS)
+    if not run.get("output"):
+        raise ConfigError("[run] output is required: a local folder or a URL (s3://bucket/prefix) for the products")
+    run["output"] = _resolve(str(run["output"]), base)
+    for key, default, lo in (("nx", 1, 1), ("ny", None, 1), ("overlap", 64, 0)):
+        val = run.get(key, default)
+        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < lo):
+            raise ConfigError(f"[run] {key} must be an integer >= {lo}; got {val!r}")
+        run[key] = val
+    if run["ny"] is None:
+        run["ny"] = run["nx"]
+    run.setdefault("storage_options", {})
+    if not isinstance(run["storage_options"], dict):
+        raise ConfigError("[run] storage_options must be a table (e.g. { anon = false })")
+    run.setdefault("quicklook", True)
+    run.setdefault("catalog_format", "ecsv")
+    if run["catalog_format"] not in ("ecsv", "fits", "parquet"):
+        raise ConfigError(f"[run] catalog_format must be 'ecsv', 'fits' or 'parquet'; got {run['catalog_format']!r}")
+    cfg["run"] = run
+
+    cal = dict(cfg.get("calibration") or {})
+    _unknown("calibration", set(cal), _CAL_KEYS)
+    for k in ("bias", "dark", "flat"):
+        if cal.get(k):
+            cal[k] = _resolve(str(cal[k]), base)
+    cfg["calibration"] = cal
+
+    exp = cfg.get("exposures")
+    if exp is None:
+        raise ConfigError("[exposures] is required: give paths = [globs or URLs] or manifest = 'file.csv'")
+    if isinstance(exp, list):
+        exp = {"paths": exp}
+    exp = dict(exp)
+    _unknown("exposures", set(exp), _EXP_KEYS)
+    if not exp.get("paths") and not exp.get("manifest"):
+        raise ConfigError("[exposures] needs paths = [...] (globs or URLs) or manifest = 'file.csv'")
+    if isinstance(exp.get("paths"), str):
+        exp["paths"] = [exp["paths"]]
+    exp["paths"] = [_resolve(str(p), base) for p in exp.get("paths") or []]
+    if exp.get("manifest"):
+        exp["manifest"] = _resolve(str(exp["manifest"]), base)
+    exp.setdefault("field_key", "OBJECT")
+    cfg["exposures"] = exp
+
+    refs = {str(k): _resolve(str(v), base) for k, v in dict(cfg.get("references") or {}).items()}
+    cfg["references"] = refs
+
+    steps = cfg.get("steps")
+    if steps is None:
+        steps = {s: {} for s in ("background", "detect")}
+    if not isinstance(steps, dict):
+        raise ConfigError("[steps] must be a table of step = { parameters }")
+    _unknown("steps", set(steps), set(STEPS))
+    for name, params in steps.items():
+        if params is True:
+            steps[name] = params = {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"[steps] {name} must be a table of parameters (use {name} = {{}} for defaults)")
+        allowed = _STEP_KEYS[name]
+        if allowed is not None:
+            _unknown(f"steps.{name}", set(params), allowed)
+    if "subtract" in steps and not refs:
+        raise ConfigError("[steps] subtract needs [references]: give a reference image per field (or '*' for all)")
+    if "transients" in steps and "subtract" not in steps:
+        raise ConfigError("[steps] transients needs the subtract step: add subtract = {} to [steps]")
+    if "calibrate" in steps and not any(cal.get(k) for k in ("bias", "dark", "flat")):
+        raise ConfigError("[steps] calibrate needs at least one of bias, dark, flat in [calibration]")
+    cfg["steps"] = {s: steps[s] for s in STEPS if s in steps}
+    return cfg
+
+
+# ------------------------------------------------------------- filesystem
+def _fs(url: str, storage_options: Mapping[str, Any]):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options))
+    return fs, path
+
+
+def _join(root: str, *parts: str) -> str:
+    if _is_url(root):
+        return posixpath.join(root, *parts)
+    return os.path.join(root, *parts)
+
+
+def expand_exposures(cfg: Mapping[str, Any]) -> list[dict[str, str]]:
+    """List the night's exposures as ``{"path", "name", "field"}`` dicts (fields filled later)."""
+    exp = cfg["exposures"]
+    opts = cfg["run"]["storage_options"]
+    out: list[dict[str, str]] = []
+    for pattern in exp.get("paths", []):
+        if _is_url(pattern):
+            fs, path = _fs(pattern, opts)
+            proto = pattern.split("://", 1)[0]
+            matches = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+            out += [{"path": f"{proto}://{m}" if proto != "file" else m} for m in matches]
+        else:
+            matches = sorted(_glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            out += [{"path": m} for m in matches]
+    if exp.get("manifest"):
+        with open(exp["manifest"], newline="") as fh:
+            rows = [r for r in csv.DictReader(line for line in fh if not line.startswith("#"))]
+        if rows and "path" not in rows[0]:
+            raise ConfigError(f"manifest {exp['manifest']!r} needs a 'path' column (and optionally 'field')")
+        base = Path(exp["manifest"]).parent
+        for r in rows:
+            d = {"path": _resolve(r["path"], base)}
+            if r.get("field"):
+                d["field"] = r["field"]
+            out.append(d)
+    if not out:
+        raise ConfigError(f"[exposures] matched no files: {exp.get('paths') or exp.get('manifest')}")
+    seen: set[str] = set()
+    for d in out:
+        name = os.path.basename(d["path"].rstrip("/"))
+        for suffix in (".fits.fz", ".fits.gz", ".fits", ".fit", ".fts", ".zarr"):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        base_name, k = name, 1
+        while name in seen:
+            k += 1
+            name = f"{base_name}-{k}"
+        seen.add(name)
+        d["name"] = name
+        if exp.get("field"):
+            d.setdefault("field", exp["field"])
+    return out
+
+
+def preflight(cfg: Mapping[str, Any], exposures: list[dict[str, str]]) -> None:
+    """Fail fast, before any work: inputs readable, output writable (credentials checked)."""
+    opts = cfg["run"]["storage_options"]
+    out = cfg["run"]["output"]
+    try:
+        fs, root = _fs(out, opts)
+        if not _is_url(out):
+            fs.makedirs(root, exist_ok=True)  # object stores have no folders; never create buckets
+        probe = posixpath.join(root, f".tilepipe-write-test-{uuid.uuid4().hex[:8]}")
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as exc:  # noqa: BLE001 - any backend error means "cannot write"
+        raise PermissionError(
+            f"cannot write to the output location {out!r} ({type(exc).__name__}: {exc}); check the path, "
+            "the bucket and the credentials in [run] storage_options"
+        ) from None
+    missing = []
+    for d in exposures + [{"path": p} for p in cfg["calibration"].values() if isinstance(p, str) and p]:
+        p = d["path"]
+        if not isinstance(p, str) or not (os.sep in p or _is_url(p)):
+            continue
+        try:
+            fs, path = _fs(p, opts) if _is_url(p) else _fs("file://" + p, {})
+            if not fs.exists(path):
+                missing.append(p)
+        except Exception as exc:  # noqa: BLE001
+            raise PermissionError(f"cannot read input {p!r} ({type(exc).__name__}: {exc}); check storage_options") from None
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+# ----------------------------------------------------------------- running
+@dataclass
+class ExposureResult:
+    name: str
+    path: str
+    field: str = ""
+    status: str = "pending"  # done | skipped | failed
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+    outputs: list[str] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("tilepipe", "numpy", "scipy", "astropy", "dask", "distributed", "xarray", "zarr", "sep", "photutils", "fsspec"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _field_of(ds, exp: dict[str, str], key: str) -> str:
+    if exp.get("field"):
+        return exp["field"]
+    for c in ds.attrs.get("header", []):
+        if c[0] == key and c[1] not in (None, ""):
+            return str(c[1]).strip()
+    return ""
+
+
+def _reference_for(cfg: Mapping[str, Any], field_name: str) -> str:
+    refs = cfg["references"]
+    if field_name in refs:
+        return refs[field_name]
+    if "*" in refs:
+        return refs["*"]
+    raise KeyError(
+        f"no reference image for field {field_name!r}; add it under [references] "
+        f"(known: {', '.join(sorted(refs)) or 'none'}) or a '*' entry"
+    )
+
+
+def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str, res: ExposureResult,
+                      compute: Callable[..., Any]) -> None:
+    """Run the configured steps on one exposure, writing into ``workdir``."""
+    import tilepipe as tp
+    from .io import write_table, write_zarr
+
+    run = cfg["run"]
+    opts = run["storage_options"]
+    steps = cfg["steps"]
+    tiles = {"nx": run["nx"], "ny": run["ny"], "overlap": run["overlap"]}
+
+    def timed(step: str):
+        class _T:
+            def __enter__(self_inner):
+                self_inner.t0 = time.perf_counter()
+
+            def __exit__(self_inner, *a):
+                res.timings[step] = round(time.perf_counter() - self_inner.t0, 3)
+
+        return _T()
+
+    with timed("open"):
+        ds = tp.open_image(exp["path"], storage_options=opts)
+    res.field = _field_of(ds, exp, cfg["exposures"]["field_key"])
+    if "calibrate" in steps:
+        cal = cfg["calibration"]
+        with timed("calibrate"):
+            ds = tp.calibrate(ds, bias=_open_cal(cal.get("bias"), opts), dark=_open_cal(cal.get("dark"), opts),
+                              flat=_open_cal(cal.get("flat"), opts), **steps["calibrate"])
+    products = ds
+    bkg = None
+    if "background" in steps:
+        with timed("background"):
+            bkg = tp.estimate_background(ds, **steps["background"], **tiles)
+            products = products.assign(background=bkg["background"], rms=bkg["rms"])
+    cat = None
+    if "detect" in steps:
+        with timed("detect"):
+            cat = tp.detect_sources(ds, background=bkg, **steps["detect"], **tiles)
+            res.counts["sources"] = len(cat)
+            path = _join(workdir, f"catalog.{run['catalog_format']}")
+            write_table(cat, path, overwrite=True, storage_options=opts)
+            res.outputs.append(f"catalog.{run['catalog_format']}")
+    psf = None
+    if "psf" in steps:
+        with timed("psf"):
+            stars = tp.select_stars(ds, cat) if cat is not None else None
+            if stars is not None and "keep" in stars.colnames:
+                stars = stars[stars["keep"]]
+            psf = tp.build_psf(ds, stars, **steps["psf"], **tiles)
+            local = _local_target(workdir, "psf.fits")
+            psf.to_fits(local.path)
+            local.commit()
+            res.outputs.append("psf.fits")
+    if "subtract" in steps:
+        with timed("subtract"):
+            ref_path = _reference_for(cfg, res.field)
+            ref = tp.open_image(ref_path, storage_options=opts)
+            kw = dict(steps["subtract"])
+            if psf is not None and kw.get("method", "zogy") == "zogy":
+                kw.setdefault("new_psf", psf)
+            diff = tp.subtract(ds, ref, **kw, **tiles)
+            for v in diff.data_vars:
+                if diff[v].dims == ("y", "x") and v not in ("mask",):
+                    products = products.assign({v: diff[v]})
+            products.attrs["subtraction"] = {k: v for k, v in diff.attrs.items() if _jsonable(v)}
+        if "transients" in steps:
+            with timed("transients"):
+                tkw = dict(steps["transients"])
+                want_png = tkw.pop("cutouts", True)
+                png = _local_target(workdir, "candidates.png") if want_png else None
+                cand = tp.find_transients(diff, **tkw, plot=png.path if png else None)
+                if png is not None and os.path.exists(png.path):
+                    png.commit()
+                    res.outputs.append("candidates.png")
+                res.counts["candidates"] = len(cand)
+                write_table(cand, _join(workdir, "candidates.ecsv"), overwrite=True, storage_options=opts)
+                res.outputs.append("candidates.ecsv")
+    products.attrs["tilepipe_config"] = json.dumps(cfg, default=str)
+    products.attrs["tilepipe_versions"] = _versions()
+    with timed("write"):
+        write_zarr(products, _join(workdir, "products.zarr"), overwrite=True, storage_options=opts)
+        res.outputs.append("products.zarr")
+    if run.get("quicklook", True):
+        with timed("quicklook"):
+            q = _local_target(workdir, "quicklook.png")
+            quicklook(products["image"].data, q.path, title=exp["name"], catalog=cat)
+            q.commit()
+            res.outputs.append("quicklook.png")
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _open_cal(path: str | None, opts: Mapping[str, Any]):
+    if not path:
+        return None
+    import tilepipe as tp
+
+    return tp.open_image(path, storage_options=opts)
+
+
+class _LocalTarget:
+    """A local file path for libraries that only write local files; uploaded on commit if remote."""
+
+    def __init__(self, dest: str, opts: Mapping[str, Any]):
+        self.dest = dest
+        self.opts = opts
+        if _is_url(dest):
+            import tempfile
+
+            self._tmpdir = tempfile.mkdtemp(prefix="tilepipe-")
+            self.path = os.path.join(self._tmpdir, os.path.basename(dest))
+        else:
+            self.path = dest
+
+    def commit(self) -> None:
+        if _is_url(self.dest):
+            fs, path = _fs(self.dest, self.opts)
+            fs.put_file(self.path, path)
+
+
+_CURRENT_OPTS: dict[str, Any] = {}
+
+
+def _local_target(workdir: str, name: str) -> _LocalTarget:
+    return _LocalTarget(_join(workdir, name), _CURRENT_OPTS)
+
+
+def quicklook(image: Any, path: str, title: str = "", catalog: Any = None, max_side: int = 1024) -> str:
+    """Write a zscale PNG quick-look of an image (downsampled to ``max_side``), circling catalog sources."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from astropy.visualization import ZScaleInterval
+
+    h, w = image.shape
+    step = max(1, int(np.ceil(max(h, w) / max_side)))
+    small = np.asarray(image[::step, ::step], dtype=np.float32)
+    finite = small[np.isfinite(small)]
+    vmin, vmax = ZScaleInterval().get_limits(finite) if finite.size else (0, 1)
+    fig, ax = plt.subplots(figsize=(6, 6 * h / w), dpi=110)
+    ax.imshow(small, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, extent=(-0.5, w - 0.5, -0.5, h - 0.5))
+    if catalog is not None and len(catalog):
+        ax.scatter(catalog["x"], catalog["y"], s=30, facecolors="none", edgecolors="tab:orange", linewidths=0.6)
+    ax.set_title(title)
+    ax.set_xlabel("x [px]")
+    ax.set_ylabel("y [px]")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _write_json(url: str, obj: Any, opts: Mapping[str, Any]) -> None:
+    data = json.dumps(obj, indent=2, default=str).encode()
+    if _is_url(url):
+        fs, path = _fs(url, opts)
+        fs.pipe_file(path, data)
+    else:
+        tmp = f"{url}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, url)
+
+
+def _summary_html(summary: Mapping[str, Any]) -> str:
+    rows = []
+    for e in summary["exposures"]:
+        counts = ", ".join(f"{k}={v}" for k, v in e["counts"].items())
+        timings = ", ".join(f"{k} {v:.1f}s" for k, v in e["timings"].items())
+        color = {"done": "#dfd", "skipped": "#eee", "failed": "#fdd"}.get(e["status"], "#fff")
+        rows.append(
+            f"<tr style='background:{color}'><td>{html.escape(e['name'])}</td><td>{html.escape(e['field'])}</td>"
+            f"<td>{e['status']}</td><td>{e['seconds']:.1f}</td><td>{html.escape(counts)}</td>"
+            f"<td>{html.escape(timings)}</td><td><pre>{html.escape(e['error'][-600:])}</pre></td></tr>"
+        )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tilepipe night summary</title>"
+        "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
+        "table{border-collapse:collapse}pre{margin:0;white-space:pre-wrap;max-width:40em}</style></head><body>"
+        f"<h1>tilepipe night summary</h1><p>{summary['started']} &rarr; {summary['finished']} "
+        f"({summary['seconds']:.1f} s): {summary['n_done']} done, {summary['n_skipped']} skipped, "
+        f"{summary['n_failed']} failed; {summary['exposures_per_hour']:.1f} exposures/hour</p>"
+        "<table><tr><th>exposure</th><th>field</th><th>status</th><th>s</th><th>counts</th><th>timings</th>"
+        f"<th>error</th></tr>{''.join(rows)}</table></body></html>"
+    )
+
+
+def run_pipeline(
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    force: bool = False,
+    scheduler: str | None = None,
+    client: Any = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Reduce a night: run the configured steps on every exposure and write the products.
+
+    Parameters
+    ----------
+    config : path or mapping
+        TOML file or an equivalent dict (see the module docstring).
+    force : bool
+        Redo complete products too (default: skip exposures whose
+        ``_COMPLETE.json`` exists).
+    scheduler : str, optional
+        Dask scheduler address; default: the ``client`` given, the current
+        client, or a new LocalCluster.
+    client : distributed.Client, optional
+        Use this client.
+    progress : bool
+        Print per-exposure progress lines.
+
+    Returns
+    -------
+    dict
+        The run summary (also written as ``summary.json`` and ``summary.html``
+        under the output location).
+    """
+    from .cluster import client_context
+
+    cfg = load_config(config)
+    if scheduler is None:
+        scheduler = cfg["run"].get("scheduler") or None
+    exposures = expand_exposures(cfg)
+    preflight(cfg, exposures)
+    opts = cfg["run"]["storage_options"]
+    _CURRENT_OPTS.clear()
+    _CURRENT_OPTS.update(opts)
+    out = cfg["run"]["output"]
+    fs, root = _fs(out, opts)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t0 = time.perf_counter()
+    results: list[ExposureResult] = []
+
+    import contextlib
+
+    ctx = contextlib.nullcontext(client) if client is not None else client_context(scheduler)
+    with ctx as cl:
+        if progress and cl is not None:
+            print(f"dask dashboard: {cl.dashboard_link}", flush=True)
+        as_current = cl.as_current() if cl is not None else contextlib.nullcontext()
+        with as_current:
+            for i, exp in enumerate(exposures, 1):
+                res = ExposureResult(name=exp["name"], path=exp["path"])
+                results.append(res)
+                final = _join(out, exp["name"])
+                marker = posixpath.join(root, exp["name"], COMPLETE)
+                if fs.exists(marker) and not force:
+                    res.status = "skipped"
+                    with fs.open(marker, "rb") as fh:
+                        prev = json.loads(fh.read())
+                    res.field = prev.get("field", "")
+                    res.counts = prev.get("counts", {})
+                    if progress:
+                        print(f"[{i}/{len(exposures)}] {exp['name']}: complete, skipped", flush=True)
+                    continue
+                if progress:
+                    print(f"[{i}/{len(exposures)}] {exp['name']}: running {', '.join(cfg['steps'])}", flush=True)
+                t1 = time.perf_counter()
+                local = not _is_url(out)
+                workdir = _join(out, f".{exp['name']}.tmp-{uuid.uuid4().hex[:8]}") if local else final
+                try:
+                    if fs.exists(posixpath.join(root, exp["name"])):
+                        fs.rm(posixpath.join(root, exp["name"]), recursive=True)  # incomplete or forced
+                    fs.makedirs(_fs(workdir, opts)[1], exist_ok=True)
+                    _process_exposure(cfg, exp, workdir, res, compute=None)
+                    res.seconds = round(time.perf_counter() - t1, 3)
+                    res.status = "done"
+                    record = {
+                        "name": res.name, "path": res.path, "field": res.field, "status": "done",
+                        "seconds": res.seconds, "timings": res.timings, "counts": res.counts,
+                        "outputs": res.outputs, "config": cfg, "versions": _versions(),
+                        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                    }
+                    _write_json(_join(workdir, COMPLETE), record, opts)
+                    if local:
+                        os.replace(workdir, final)
+                except Exception as exc:  # noqa: BLE001 - one bad exposure must not stop the night
+                    res.status = "failed"
+                    res.seconds = round(time.perf_counter() - t1, 3)
+                    res.error = f"{type(exc).__name__}: {exc}"
+                    log.warning("exposure %s failed: %s", exp["name"], res.error)
+                    log.debug("%s", traceback.format_exc())
+                    try:
+                        if local and os.path.exists(workdir):
+                            import shutil
+
+                            shutil.rmtree(workdir, ignore_errors=True)
+                        elif not local and fs.exists(_fs(workdir, opts)[1]):
+                            fs.rm(_fs(workdir, opts)[1], recursive=True)
+                    except Exception:  # noqa: BLE001
+                        pass
+                if progress:
+                    msg = res.status if res.status != "failed" else f"FAILED ({res.error})"
+                    print(f"[{i}/{len(exposures)}] {exp['name']}: {msg} in {res.seconds:.1f} s {res.counts}", flush=True)
+
+    seconds = time.perf_counter() - t0
+    n_done = sum(r.status == "done" for r in results)
+    summary = {
+        "started": started.isoformat(),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "seconds": round(seconds, 3),
+        "n_exposures": len(results),
+        "n_done": n_done,
+        "n_skipped": sum(r.status == "skipped" for r in results),
+        "n_failed": sum(r.status == "failed" for r in results),
+        "exposures_per_hour": (n_done / seconds * 3600.0) if n_done and seconds > 0 else 0.0,
+        "exposures": [r.__dict__ for r in results],
+        "config": cfg,
+        "versions": _versions(),
+    }
+    _write_json(_join(out, "summary.json"), summary, opts)
+    page = _summary_html(summary).encode()
+    if _is_url(out):
+        fs.pipe_file(posixpath.join(root, "summary.html"), page)
+    else:
+        with open(_join(out, "summary.html"), "wb") as fh:
+            fh.write(page)
+    return summary

@@ -1,0 +1,1079 @@
+"""ZOGY proper image subtraction on halo tiles.
+
+Implements Zackay, Ofek & Gal-Yam (2016, ApJ 830, 27; "ZOGY") tile by tile on
+the :mod:`tilepipe.tiling` engine.  Notation of the paper: ``N`` new image,
+``R`` reference, ``P_n, P_r`` their PSFs (sum 1), ``sigma_n, sigma_r`` their
+background noise, ``F_n, F_r`` their flux-based zero points.  tilepipe fixes
+``F_n = 1`` and ``F_r = 1 / scale`` where ``scale`` is the flux ratio
+``new / ref``, so every flux is expressed in the **new image's units**.
+
+Hats are 2-D DFTs (numpy convention: unnormalised forward transform).  On an
+FFT grid of ``Npix = ny * nx`` pixels:
+
+* Eq. 13  ``D^ = (F_r P_r^ N^ - F_n P_n^ R^) / sqrt(sigma_n^2 F_r^2 |P_r^|^2 + sigma_r^2 F_n^2 |P_n^|^2)``
+* Eq. 14  ``P_D^ = F_r F_n P_r^ P_n^ / (F_D sqrt(...))``
+* Eq. 15  ``F_D = F_r F_n / sqrt(sigma_n^2 F_r^2 + sigma_r^2 F_n^2)``
+* Eq. 17  ``S = F_D D (x) P_D``  (matched filter), written as ``S = S_N - S_R``
+  with ``S_N = k_n (x) N``, ``S_R = k_r (x) R`` and
+  ``k_n^ = F_n F_r^2 conj(P_n^) |P_r^|^2 / den``,
+  ``k_r^ = F_r F_n^2 conj(P_r^) |P_n^|^2 / den`` (Eqs. 26-29)
+* Eqs. 25-33  ``S_corr = S / sqrt(V(S_N) + V(S_R) + V_ast(S_N) + V_ast(S_R))`` with
+  ``V(S_N) = V(eps_n) (x) k_n^2`` from the per-pixel variance map of ``N``
+  (background + source Poisson), the same for ``R``, and the astrometric terms
+  ``V_ast(S_N) = sigma_x^2 (dS_N/dx)^2 + sigma_y^2 (dS_N/dy)^2``; the
+  derivatives are central differences in real space (``numpy.gradient``), which
+  never wrap around the tile.
+* Eqs. 41-43  ``F_S = (1 / Npix) sum_k F_n^2 F_r^2 |P_n^|^2 |P_r^|^2 / den``
+  (the ``1/Npix`` is the inverse-DFT normalisation: ``S(0)`` of a point source
+  of flux ``alpha`` is ``alpha (1/Npix) sum_k ...``; dividing by the image
+  *width* squared, as properimage and stdpipe do, is only right for square
+  FFT grids), ``Fpsf = S / F_S`` and ``Fpsf_err = sqrt(V(S_N) + V(S_R)) / F_S``.
+
+``diff`` is ``D / F_D``: the proper difference in the new image's flux units
+(a point source of flux ``alpha`` appears as ``alpha P_D``; its background
+noise is ``1 / F_D = sqrt(sigma_n^2 + scale^2 sigma_r^2)`` per pixel).
+
+Tiling: each tile's outer box (core + ``overlap`` halo) is padded by reflection
+on every side (never with zeros) up to a fast FFT length, so the circular
+convolutions never wrap into the core; only the core is written back (by
+:func:`tilepipe.map_tiles`).  With a constant PSF the tiled result equals the
+whole-image result to float precision.  With a spatially varying PSF each tile
+uses the PSFs evaluated at its core centre, and the tiles are **linearly
+feathered** across each core border: within ``feather`` px of a border,
+pixels get ``w_A out_A + w_B out_B`` where ``out_B`` is computed (inside tile
+A's halo) with the neighbour's PSFs and the tent weights sum to one, so no
+seam appears.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.fft as sfft
+import xarray as xr
+from scipy import ndimage
+
+from .._validate import as_pair, check_choice, check_int, check_positive
+from ..exceptions import FallbackWarning, OverlapWarning
+from ..image import has_wcs, open_image, wcs
+from ..tiling import TileGrid
+from . import noise as nz
+
+log = logging.getLogger(__name__)
+
+__all__ = ["zogy_subtract", "zogy_arrays", "as_psf_function", "EmpiricalPSF"]
+
+OUTPUTS = ("diff", "scorr", "s", "fpsf", "fpsf_err", "mask")
+
+
+# ===================================================================== PSFs
+def _odd_stamp(stamp: Any, what: str) -> np.ndarray:
+    a = np.asarray(stamp, dtype=np.float64)
+    if a.ndim != 2 or min(a.shape) < 3:
+        raise ValueError(f"{what} must give a 2-D PSF stamp of at least 3x3 pixels; got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} contains non-finite values")
+    # make it odd-sized and square, centred
+    n = max(a.shape)
+    n += 1 - n % 2
+    out = np.zeros((n, n))
+    oy, ox = (n - a.shape[0]) // 2, (n - a.shape[1]) // 2
+    out[oy:oy + a.shape[0], ox:ox + a.shape[1]] = a
+    s = out.sum()
+    if not np.isfinite(s) or s <= 0:
+        raise ValueError(f"{what} has a non-positive sum; a PSF stamp must sum to a positive value (it is normalised to 1)")
+    return out / s
+
+
+def as_psf_function(psf: Any, what: str = "psf") -> Callable[[float, float], np.ndarray] | None:
+    """Normalise a PSF argument to ``f(x, y) -> stamp`` (odd, square, sum 1).
+
+    Accepts a 2-D array (constant PSF), a callable ``(x, y) -> stamp``, or an
+    object with ``.at(x, y)`` (e.g. :class:`tilepipe.PSFModel`,
+    :class:`tilepipe.datasets.TruePSF`).  Coordinates are global 0-based
+    pixels; the stamp is centred on the source.  ``None`` passes through.
+    """
+    if psf is None:
+        return None
+    if hasattr(psf, "at") and callable(psf.at):
+        return lambda x, y: _odd_stamp(psf.at(float(x), float(y)), what)
+    if callable(psf):
+        return lambda x, y: _odd_stamp(psf(float(x), float(y)), what)
+    arr = np.asarray(psf)
+    if arr.ndim == 2 and arr.dtype.kind in "fiu":
+        st = _odd_stamp(arr, what)
+        return lambda x, y: st
+    raise TypeError(
+        f"{what} must be a 2-D array, a callable (x, y) -> stamp, or an object with .at(x, y); "
+        f"got {type(psf).__name__}"
+    )
+
+
+def _taper(n: int, inner: float) -> np.ndarray:
+    c = n // 2
+    yy, xx = np.mgrid[-c:c + 1, -c:c + 1]
+    r = np.hypot(xx, yy)
+    w = np.ones_like(r)
+    ramp = (r > inner) & (r < c)
+    w[ramp] = np.cos(0.5 * np.pi * (r[ramp] - inner) / (c - inner)) ** 2
+    w[r >= c] = 0.0
+    return w
+
+
+class EmpiricalPSF:
+    """Spatially varying empirical PSF fitted from star stamps (fallback model).
+
+    Every pixel of the ``(2 half + 1)^2`` stamp is a polynomial of degree
+    ``degree`` in the normalised coordinates ``u = 2 x / (W - 1) - 1``,
+    ``v = 2 y / (H - 1) - 1`` (PSFEx-like), fitted by weighted least squares
+    over all stars of the image (one global fit, never per tile), with one
+    round of 4-sigma clipping of deviant stars.  Evaluated stamps are tapered
+    to zero at the stamp edge and normalised to sum 1.
+    """
+
+    def __init__(self, stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray,
+                 shape: tuple[int, int], degree: int | None = None) -> None:
+        stamps = np.asarray(stamps, dtype=np.float64)
+        n = len(stamps)
+        if n == 0:
+            raise ValueError("no isolated unsaturated stars to build a PSF from; pass new_psf/ref_psf")
+        if degree is None:
+            degree = 2 if n >= 60 else 1 if n >= 15 else 0
+        self.degree = int(degree)
+        self.shape = tuple(shape)
+        self.size = stamps.shape[1]
+        A = self._design(np.asarray(x, float), np.asarray(y, float))
+        Y = stamps.reshape(n, -1)
+        w = np.sqrt(np.clip(np.asarray(weights, float), 1e-12, None))
+        keep = np.ones(n, bool)
+        for _ in range(2):
+            coef, *_ = np.linalg.lstsq(A[keep] * w[keep, None], Y[keep] * w[keep, None], rcond=None)
+            res = np.sqrt(np.mean((Y - A @ coef) ** 2, axis=1)) * w
+            med = np.median(res[keep])
+            mad = nz.MAD_TO_SIGMA * np.median(np.abs(res[keep] - med))
+            new = res < med + 4 * max(mad, 1e-12)
+            if new.sum() < max(3, A.shape[1]) or (new == keep).all():
+                break
+            keep = new
+        self.coef = coef
+        self.nstars = int(keep.sum())
+        self._taper = _taper(self.size, max(2.0, self.size // 2 - 3.0))
+
+    def _design(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        h, w = self.shape
+        u = 2 * x / max(w - 1, 1) - 1
+        v = 2 * y / max(h - 1, 1) - 1
+        cols = [np.ones_like(u)]
+        for d in range(1, self.degree + 1):
+            for j in range(d + 1):
+                cols.append(u ** (d - j) * v**j)
+        return np.stack(cols, axis=1)
+
+    def at(self, x: float, y: float) -> np.ndarray:
+        """The PSF stamp at global pixel ``(x, y)`` (sum 1, centred)."""
+        st = (self._design(np.atleast_1d(float(x)), np.atleast_1d(float(y))) @ self.coef).reshape(self.size, self.size)
+        st = st * self._taper
+        return st / st.sum()
+
+    def __repr__(self) -> str:
+        return f"EmpiricalPSF(size={self.size}, degree={self.degree}, nstars={self.nstars})"
+
+
+def _window_offset(stamp: np.ndarray, fwhm: float) -> tuple[float, float]:
+    """Windowed centroid of a PSF stamp relative to its centre: ``(ox, oy)``."""
+    c = stamp.shape[0] // 2
+    x, y = nz.window_centroid(stamp, max(fwhm, 1.0) / 2.3548, c, c)
+    if not np.isfinite(x):
+        return 0.0, 0.0
+    return x - c, y - c
+
+
+def _stamp_fwhm(stamp: np.ndarray) -> float:
+    """FWHM (px) of a stamp from its effective area: ``sqrt(1 / (sum P^2 * 1.133))``."""
+    # For a Gaussian, sum P^2 = 1 / (4 pi sigma^2); FWHM = 2.3548 sigma.
+    s2 = float((stamp**2).sum())
+    return 2.3548 * np.sqrt(1.0 / (4 * np.pi * s2)) if s2 > 0 else 3.0
+
+
+# ================================================================ core math
+def _full_plane_sum(half: np.ndarray, nx: int) -> float:
+    """Sum over the full DFT plane of a Hermitian quantity given on the rfft half plane."""
+    w = np.full(half.shape[1], 2.0)
+    w[0] = 1.0
+    if nx % 2 == 0:
+        w[-1] = 1.0
+    return float((half * w[None, :]).sum())
+
+
+def _psf_fft(stamp: np.ndarray, shape: tuple[int, int], shift: tuple[float, float] = (0.0, 0.0),
+             dtype: Any = np.float64) -> np.ndarray:
+    """rfft2 of a centred stamp placed at the origin of an FFT grid, shifted by ``(sx, sy)`` px."""
+    sx, sy = shift
+    if sx or sy:
+        stamp = _shift_stamp(stamp, sx, sy)
+    n = stamp.shape[0]
+    c = n // 2
+    if n > min(shape):
+        raise ValueError(f"PSF stamp of {n} px does not fit in a tile FFT grid of {shape}; use larger tiles")
+    g = np.zeros(shape, dtype=dtype)
+    g[:n - c, :n - c] = stamp[c:, c:]
+    g[:n - c, -c:] = stamp[c:, :c]
+    g[-c:, :n - c] = stamp[:c, c:]
+    g[-c:, -c:] = stamp[:c, :c]
+    return sfft.rfft2(g, workers=1)
+
+
+def _shift_stamp(stamp: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Shift a PSF stamp by ``(sx, sy)`` px (cubic spline, grown by 2 px per side, sum kept).
+
+    Done in real space on the stamp, not as a Fourier phase ramp on the tile
+    grid: a ramp is discontinuous at the Nyquist frequency, which gives the
+    kernels a 1/r tail and makes the result depend on the FFT grid (tile
+    size).  A shifted compact stamp keeps every kernel the same on any grid.
+    """
+    g = 2 + int(np.ceil(max(abs(sx), abs(sy))))
+    a = np.pad(np.asarray(stamp, dtype=np.float64), g)
+    out = ndimage.shift(a, (sy, sx), order=3, mode="constant", cval=0.0, prefilter=True)
+    tot = out.sum()
+    return out * (stamp.sum() / tot) if tot != 0 else out
+
+
+_KCACHE: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _small_kernels(pn: np.ndarray, pr: np.ndarray, fn: float, fr: float, sn: float, sr: float,
+                   shift: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Cached :func:`_small_kernels_compute` (keyed on the stamps' bytes and the parameters)."""
+    key = (pn.tobytes(), pr.tobytes(), fn, fr, sn, sr, tuple(map(tuple, shift)))
+    hit = _KCACHE.get(key)
+    if hit is None:
+        hit = _small_kernels_compute(pn, pr, fn, fr, sn, sr, shift)
+        if len(_KCACHE) > 256:
+            _KCACHE.clear()
+        _KCACHE[key] = hit
+    return hit
+
+
+def _small_kernels_compute(pn: np.ndarray, pr: np.ndarray, fn: float, fr: float, sn: float, sr: float,
+                   shift: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Real-space ZOGY kernels ``k_n, k_r`` (Eqs. 28-29) on a small grid, centred (odd size).
+
+    They are compact (a few PSF widths), so they are computed once on a grid
+    of 8 stamp sizes and cropped to 4 stamp sizes; their squares feed the
+    variance terms of Eqs. 26-27 on any tile without a full-size inverse FFT.
+    """
+    n = pn.shape[0]
+    m = sfft.next_fast_len(8 * n)
+    Pn = _psf_fft(pn, (m, m), shift[0])
+    Pr = _psf_fft(pr, (m, m), shift[1])
+    an, ar = np.abs(Pn) ** 2, np.abs(Pr) ** 2
+    den = sn * sn * fr * fr * ar + sr * sr * fn * fn * an
+    den = np.maximum(den, 1e-30 * den.max())
+    kn = sfft.irfft2(fn * fr * fr * np.conj(Pn) * ar / den, s=(m, m))
+    kr = sfft.irfft2(fr * fn * fn * np.conj(Pr) * an / den, s=(m, m))
+    h = 2 * n
+    kn = np.roll(kn, (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
+    kr = np.roll(kr, (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
+    return kn, kr
+
+
+def _transfer(pn: np.ndarray, pr: np.ndarray, shape: tuple[int, int], fn: float, fr: float, sn: float,
+              sr: float, shift: tuple[float, float], ctype: Any = np.complex128) -> dict[str, Any]:
+    """Fourier-space ZOGY operators for one pair of PSFs on one FFT grid.
+
+    In float32 |P^|^2 of a smooth PSF underflows at high frequencies: the
+    denominator is floored at 1e-30 of its maximum, so the operators stay
+    finite and tend to zero there (they are products of bounded ratios).
+    """
+    rdt = np.float32 if ctype == np.complex64 else np.float64
+    Pn = _psf_fft(pn, shape, shift[0], dtype=rdt)
+    Pr = _psf_fft(pr, shape, shift[1], dtype=rdt)
+    an = Pn.real**2 + Pn.imag**2
+    ar = Pr.real**2 + Pr.imag**2
+    den = sn * sn * fr * fr * ar + sr * sr * fn * fn * an
+    den = np.maximum(den, 1e-30 * den.max())
+    sq = np.sqrt(den)
+    f_d = fr * fn / np.sqrt(sn * sn * fr * fr + sr * sr * fn * fn)  # Eq. 15
+    npix = shape[0] * shape[1]
+    f_s = _full_plane_sum((fn * fn * fr * fr * an * ar / den).astype(np.float64), shape[1]) / npix  # Eq. 42 (1/Npix)
+    kn_s, kr_s = _small_kernels(pn, pr, fn, fr, sn, sr, shift)
+    return {
+        "dn": (fr * Pr / sq).astype(ctype),  # Eq. 13, operator on N^
+        "dr": (fn * Pn / sq).astype(ctype),  # Eq. 13, operator on R^
+        "kn": (fn * fr * fr * np.conj(Pn) * (ar / den)).astype(ctype),  # Eq. 28
+        "kr": (fr * fn * fn * np.conj(Pr) * (an / den)).astype(ctype),  # Eq. 29
+        "kn2": _psf_fft(kn_s * kn_s, shape, dtype=rdt).astype(ctype),  # Eq. 26 kernel k_n^2
+        "kr2": _psf_fft(kr_s * kr_s, shape, dtype=rdt).astype(ctype),  # Eq. 27 kernel k_r^2
+        "f_d": f_d,
+        "f_s": f_s,
+    }
+
+
+def _psf_shifts(pn: np.ndarray, pr: np.ndarray, shift: tuple[float, float], on: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Phase-ramp shifts ``(shift of P_n, shift of P_r)`` implementing the registration ``shift``."""
+    sx, sy = float(shift[0]), float(shift[1])
+    if on == "auto":
+        on = "new" if _stamp_fwhm(pn) >= _stamp_fwhm(pr) else "ref"
+    if on == "new":  # work in the ref frame: a ref-frame source appears in new shifted by +shift
+        return (sx, sy), (0.0, 0.0)
+    return (0.0, 0.0), (-sx, -sy)  # work in the new frame: the ref PSF seen from new is shifted by -shift
+
+
+def _pd_hat(pn, pr, shape, fn, fr, sn, sr, shift):
+    Pn = _psf_fft(pn, shape, shift[0])
+    Pr = _psf_fft(pr, shape, shift[1])
+    den = sn * sn * fr * fr * np.abs(Pr) ** 2 + sr * sr * fn * fn * np.abs(Pn) ** 2
+    den = np.maximum(den, 1e-30 * den.max())
+    f_d = fr * fn / np.sqrt(sn * sn * fr * fr + sr * sr * fn * fn)
+    return fr * fn * Pr * Pn / (f_d * np.sqrt(den))  # Eq. 14
+
+
+_HASH_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_HASH_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _hash_uniform(gy: np.ndarray, gx: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic uniform (0, 1) numbers from global pixel coordinates (splitmix64)."""
+    z = (gy.astype(np.int64).astype(np.uint64) << np.uint64(32)) ^ (gx.astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF))
+    z = z + np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) % (1 << 64))
+    z = (z ^ (z >> np.uint64(30))) * _HASH_M1
+    z = (z ^ (z >> np.uint64(27))) * _HASH_M2
+    z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def _noise_pad(a: np.ndarray, before: tuple[int, int], after: tuple[int, int], origin: tuple[int, int],
+               sigma: float, fill: float, seed: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """Pad ``a`` for the FFTs.
+
+    Sides on the image edge (``edges`` = bottom, top, left, right) get
+    Gaussian noise of ``sigma`` around ``fill`` that depends only on global
+    pixel coordinates (outside the image there is no data: noise, never zeros
+    and never a mirror image of the stars, and identical for a tile and for
+    the whole image).  Other sides (a tile's halo continues there) are
+    reflected; they only feed pixels of the halo, which are discarded.
+    """
+    h, w = a.shape
+    out = np.pad(a, ((before[0], after[0]), (before[1], after[1])), mode="reflect")
+    H, W = out.shape
+    y0, x0 = origin[0] - before[0], origin[1] - before[1]
+    strips = []
+    if edges[0]:
+        strips.append((slice(0, before[0]), slice(0, W)))
+    if edges[1]:
+        strips.append((slice(before[0] + h, H), slice(0, W)))
+    if edges[2]:
+        strips.append((slice(0, H), slice(0, before[1])))
+    if edges[3]:
+        strips.append((slice(0, H), slice(before[1] + w, W)))
+    for ys, xs in strips:
+        if ys.stop <= ys.start or xs.stop <= xs.start:
+            continue
+        if sigma > 0:
+            GY, GX = np.meshgrid(np.arange(ys.start, ys.stop) + y0, np.arange(xs.start, xs.stop) + x0, indexing="ij")
+            u1 = _hash_uniform(GY, GX, 2 * seed)
+            u2 = _hash_uniform(GY, GX, 2 * seed + 1)
+            out[ys, xs] = fill + sigma * np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2)
+        else:
+            out[ys, xs] = fill
+    return out
+
+
+def zogy_arrays(
+    new: np.ndarray,
+    ref: np.ndarray,
+    var_new: np.ndarray,
+    var_ref: np.ndarray,
+    bad: np.ndarray,
+    psf_new: np.ndarray,
+    psf_ref: np.ndarray,
+    *,
+    scale: float,
+    sigma_new: float,
+    sigma_ref: float,
+    shift: tuple[float, float] = (0.0, 0.0),
+    shift_on: str = "auto",
+    dx: float = 0.25,
+    dy: float = 0.25,
+    pad: int | tuple[int, int, int, int] = 0,
+    origin: tuple[int, int] = (0, 0),
+    precision: str = "float32",
+) -> dict[str, np.ndarray]:
+    """ZOGY on one box of background-subtracted, aligned numpy arrays.
+
+    Parameters
+    ----------
+    new, ref : ndarray (ny, nx)
+        Background-subtracted images ``N`` and ``R`` (ADU).
+    var_new, var_ref : ndarray
+        Per-pixel variances ``V(eps_n)``, ``V(eps_r)`` (background + source).
+    bad : ndarray of bool
+        True = bad in either image; such pixels are set to 0 (the background)
+        before the transforms.  The caller masks their PSF footprint.
+    psf_new, psf_ref : ndarray
+        Centred PSF stamps (odd, sum 1).
+    scale : float
+        Flux ratio ``new / ref`` (``F_n = 1``, ``F_r = 1 / scale``).
+    sigma_new, sigma_ref : float
+        Background noise ``sigma_n``, ``sigma_r`` (ADU) of Eqs. 13-15.
+    shift : (float, float)
+        ``(sx, sy)`` = position in new - position in ref (px), applied as a
+        Fourier phase ramp to one PSF.
+    shift_on : {"auto", "new", "ref"}
+        Which PSF carries the shift.  ``"auto"``: the broader one.  A phase
+        ramp on the sharper PSF survives up to the Nyquist frequency in ``D``
+        (a sinc interpolation kernel with a 1/r tail, so ``D`` would depend
+        on the tile size); on the broader PSF it is damped and ``D`` stays
+        local.  With the shift on ``new`` the outputs are in the reference's
+        pixel frame (a source at new position ``x`` appears at ``x - sx``),
+        with the shift on ``ref`` in the new image's frame.
+    dx, dy : float
+        Astrometric noise ``sigma_x, sigma_y`` (px) of Eqs. 30-33.
+    pad : int or (int, int, int, int)
+        Padding (px) on every side, or per side ``(bottom, top, left,
+        right)``, before the FFTs, so the circular convolutions do not wrap
+        into the box; filled with noise of ``sigma_*`` that depends only on
+        the global pixel coordinates.  Tiles pad only the sides on the image
+        edge: elsewhere their halo already keeps the wrap out of the core.
+    origin : (int, int)
+        Global ``(y0, x0)`` of the box (seeds the padding noise).
+    precision : {"float32", "float64"}
+        Precision of the data transforms (operators are built in float64).
+
+    Returns
+    -------
+    dict of ndarray
+        ``diff`` (D / F_D), ``scorr``, ``s``, ``fpsf``, ``fpsf_err``
+        (float32 or float64), plus scalars ``f_d``, ``f_s``.
+    """
+    fdt = np.float32 if precision == "float32" else np.float64
+    h, w = new.shape
+    pb, pt, pl, pr_ = (pad,) * 4 if np.ndim(pad) == 0 else tuple(int(v) for v in pad)
+    fy = sfft.next_fast_len(h + pb + pt, real=True)
+    fx = sfft.next_fast_len(w + pl + pr_, real=True)
+    before = (pb, pl)
+    after = (fy - h - pb, fx - w - pl)
+    shape = (fy, fx)
+    ctype = np.complex64 if fdt is np.float32 else np.complex128
+    T = _transfer(psf_new, psf_ref, shape, 1.0, 1.0 / scale, sigma_new, sigma_ref,
+                  _psf_shifts(psf_new, psf_ref, shift, shift_on), ctype)
+    badm = bad | ~np.isfinite(new) | ~np.isfinite(ref)
+    n = np.where(badm, 0, new).astype(fdt)
+    r = np.where(badm, 0, ref).astype(fdt)
+    vfill_n = float(sigma_new**2)
+    vfill_r = float(sigma_ref**2)
+    vn = np.where(badm | ~np.isfinite(var_new), vfill_n, var_new).astype(fdt)
+    vr = np.where(badm | ~np.isfinite(var_ref), vfill_r, var_ref).astype(fdt)
+    edges = (pb > 0, pt > 0, pl > 0, pr_ > 0)
+    n = _noise_pad(n, before, after, origin, sigma_new, 0.0, 1, edges)
+    r = _noise_pad(r, before, after, origin, sigma_ref, 0.0, 2, edges)
+    vn = _noise_pad(vn, before, after, origin, 0.0, sigma_new**2, 0, edges)
+    vr = _noise_pad(vr, before, after, origin, 0.0, sigma_ref**2, 0, edges)
+    Nh = sfft.rfft2(n, workers=1)
+    Rh = sfft.rfft2(r, workers=1)
+    D = sfft.irfft2(T["dn"] * Nh - T["dr"] * Rh, s=shape, workers=1)  # Eq. 13
+    SN = sfft.irfft2(T["kn"] * Nh, s=shape, workers=1)  # Eq. 30
+    SR = sfft.irfft2(T["kr"] * Rh, s=shape, workers=1)  # Eq. 31
+    V = sfft.irfft2(T["kn2"] * sfft.rfft2(vn, workers=1) + T["kr2"] * sfft.rfft2(vr, workers=1),
+                    s=shape, workers=1)  # Eqs. 26-27: V(S_N) + V(S_R)
+    crop = (slice(pb, pb + h), slice(pl, pl + w))
+    gny, gnx = np.gradient(SN)
+    gry, grx = np.gradient(SR)
+    vast = dx * dx * (gnx**2 + grx**2) + dy * dy * (gny**2 + gry**2)  # Eqs. 32-33
+    S = (SN - SR)[crop]  # Eq. 17
+    V = np.maximum(V[crop], 0)
+    vast = vast[crop]
+    f_s = T["f_s"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scorr = S / np.sqrt(V + vast)  # Eq. 25
+        fpsf = S / f_s  # Eq. 41
+        fpsf_err = np.sqrt(V) / f_s  # Eq. 43
+    return {
+        "diff": (D[crop] / T["f_d"]).astype(fdt),
+        "scorr": scorr.astype(fdt),
+        "s": S.astype(fdt),
+        "fpsf": fpsf.astype(fdt),
+        "fpsf_err": fpsf_err.astype(fdt),
+        "f_d": T["f_d"],
+        "f_s": f_s,
+    }
+
+
+def psf_d_stamp(psf_new: np.ndarray, psf_ref: np.ndarray, *, scale: float, sigma_new: float, sigma_ref: float,
+                shift: tuple[float, float] = (0.0, 0.0), shift_on: str = "auto") -> np.ndarray:
+    """The PSF ``P_D`` of the proper difference (Eq. 14) as a centred stamp (sum 1)."""
+    n = max(psf_new.shape[0], psf_ref.shape[0])
+    m = 4 * n
+    pd = np.fft.irfft2(_pd_hat(psf_new, psf_ref, (m, m), 1.0, 1.0 / scale, sigma_new, sigma_ref,
+                               _psf_shifts(psf_new, psf_ref, shift, shift_on)), s=(m, m))
+    pd = np.roll(pd, (n, n), axis=(0, 1))[: 2 * n + 1, : 2 * n + 1]
+    c = n
+    h = n // 2
+    return pd[c - h:c + h + 1, c - h:c + h + 1]
+
+
+# ================================================================== tiles
+def _edge_weights(edges: np.ndarray, i: int, coords: np.ndarray, b: float) -> np.ndarray:
+    """1-D tent weight of tile column/row ``i`` at pixel ``coords`` (global), feather half-width ``b``."""
+    u = coords + 0.5
+    w = np.ones(coords.shape, dtype=np.float64)
+    if b <= 0:
+        return ((u > edges[i]) & (u < edges[i + 1])).astype(float)
+    if i > 0:  # border on the low side: weight rises from 0 to 1
+        w *= np.clip(0.5 + (u - edges[i]) / (2 * b), 0, 1)
+    if i < len(edges) - 2:  # border on the high side
+        w *= np.clip(0.5 - (u - edges[i + 1]) / (2 * b), 0, 1)
+    return w
+
+
+def _footprint(psf_new: np.ndarray, psf_ref: np.ndarray, frac: float = 1e-3) -> np.ndarray:
+    """Disk-shaped footprint covering the pixels where either PSF exceeds ``frac`` of its peak."""
+    n = max(psf_new.shape[0], psf_ref.shape[0])
+    rad = 1.0
+    for p in (psf_new, psf_ref):
+        c = p.shape[0] // 2
+        yy, xx = np.mgrid[-c:c + 1, -c:c + 1]
+        sel = p >= frac * p.max()
+        rad = max(rad, float(np.hypot(xx[sel], yy[sel]).max()))
+    rad = min(rad, n // 2)
+    r = int(np.ceil(rad))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (xx * xx + yy * yy) <= rad * rad
+
+
+def _lin_weights(g: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """Matrix of 1-D linear-interpolation weights of points ``g`` on ``nodes`` (clamped at the ends)."""
+    t = np.clip(np.interp(g, nodes, np.arange(len(nodes), dtype=float)), 0, len(nodes) - 1)
+    i0 = np.minimum(np.floor(t).astype(int), len(nodes) - 2) if len(nodes) > 1 else np.zeros(len(g), int)
+    out = np.zeros((len(g), len(nodes)))
+    if len(nodes) == 1:
+        out[:, 0] = 1
+        return out
+    f = t - i0
+    out[np.arange(len(g)), i0] = 1 - f
+    out[np.arange(len(g)), i0 + 1] += f
+    return out
+
+
+def _apply_fcorr(res: dict[str, Any], fc: Any, origin: tuple[int, int]) -> None:
+    """Divide ``fpsf``/``fpsf_err`` by the PSF-mismatch response field (see :func:`_flux_correction`)."""
+    if fc is None:
+        return
+    ys, xs, vals = fc
+    h, w = res["fpsf"].shape
+    gy = np.arange(h) + origin[0]
+    gx = np.arange(w) + origin[1]
+    # separable evaluation: bilinear on a product grid
+    field = _lin_weights(gy, ys) @ vals @ _lin_weights(gx, xs).T
+    res["fpsf"] = (res["fpsf"] / field).astype(res["fpsf"].dtype)
+    res["fpsf_err"] = (res["fpsf_err"] / field).astype(res["fpsf_err"].dtype)
+
+
+def _flux_correction(f_psf: Callable[[float, float], np.ndarray], tile_psf_new: np.ndarray, tile_psf_ref: np.ndarray,
+                     ys: np.ndarray, xs: np.ndarray, scale: float, sigma_new: float, sigma_ref: float) -> np.ndarray:
+    """Response of ``S`` to a point source with the *local* new PSF, relative to ``F_S`` (Eqs. 41-42).
+
+    With the tile's PSFs ``P_n, P_r`` the peak of ``S`` for a source of flux
+    ``alpha`` whose true PSF is ``P_loc`` is ``alpha (1/Npix) sum_k w conj(P_n^) P_loc^``
+    with ``w = F_n F_r^2 |P_r^|^2 / den``, while ``F_S`` assumes ``P_loc = P_n``.
+    The ratio, evaluated on a grid of positions, corrects ``Fpsf`` for the PSF
+    variation inside a tile (first order in the PSF width error).
+    """
+    n = tile_psf_new.shape[0]
+    m = sfft.next_fast_len(4 * n)
+    Pn = _psf_fft(tile_psf_new, (m, m))
+    Pr = _psf_fft(tile_psf_ref, (m, m))
+    fr, fn = 1.0 / scale, 1.0
+    an, ar = np.abs(Pn) ** 2, np.abs(Pr) ** 2
+    den = sigma_new**2 * fr * fr * ar + sigma_ref**2 * fn * fn * an
+    den = np.maximum(den, 1e-30 * den.max())
+    wgt = ar / den
+    norm = _full_plane_sum(wgt * an, m)
+    out = np.ones((len(ys), len(xs)))
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            loc = _odd_stamp(_embed(f_psf(x, y), n), "new PSF")
+            Pl = _psf_fft(loc, (m, m))
+            out[i, j] = _full_plane_sum((wgt * np.conj(Pn) * Pl).real, m) / norm
+    return out
+
+
+def _zogy_tile(new, ref, vnew, vref, bad, *, tile, tgrid, psfs_new, psfs_ref, varying, feather, halo, pad,
+               params, fcorr):
+    grid = tgrid
+    t = tile.index
+    H, W = grid.shape
+
+    def pads(gy0: int, gy1: int, gx0: int, gx1: int) -> tuple[int, int, int, int]:
+        return (pad if gy0 == 0 else 0, pad if gy1 == H else 0, pad if gx0 == 0 else 0, pad if gx1 == W else 0)
+
+    y0, x0 = tile.origin
+    oh, ow = tile.outer_shape
+    own = zogy_arrays(new, ref, vnew, vref, bad, psfs_new[t], psfs_ref[t], pad=pads(y0, y0 + oh, x0, x0 + ow),
+                      origin=tile.origin, **params)
+    _apply_fcorr(own, fcorr[t], (y0, x0))
+    out = {k: own[k].astype(np.float64) if varying else own[k] for k in ("diff", "scorr", "s", "fpsf", "fpsf_err")}
+    if varying and feather > 0:
+        ys = np.arange(y0, y0 + oh)
+        xs = np.arange(x0, x0 + ow)
+        wy_own = _edge_weights(grid.y_edges, tile.iy, ys, feather)
+        wx_own = _edge_weights(grid.x_edges, tile.ix, xs, feather)
+        for k in out:
+            out[k] = out[k] * (wy_own[:, None] * wx_own[None, :])
+        (cy0, cy1), (cx0, cx1) = (tile.inner[0].start, tile.inner[0].stop), (tile.inner[1].start, tile.inner[1].stop)
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                if a == 0 and b == 0:
+                    continue
+                iy, ix = tile.iy + a, tile.ix + b
+                if not (0 <= iy < grid.ny and 0 <= ix < grid.nx):
+                    continue
+                wy = _edge_weights(grid.y_edges, iy, ys, feather)
+                wx = _edge_weights(grid.x_edges, ix, xs, feather)
+                ry = np.nonzero(wy[cy0:cy1] > 0)[0]
+                rx = np.nonzero(wx[cx0:cx1] > 0)[0]
+                if ry.size == 0 or rx.size == 0:
+                    continue
+                ry0, ry1 = cy0 + ry[0], cy0 + ry[-1] + 1
+                rx0, rx1 = cx0 + rx[0], cx0 + rx[-1] + 1
+                by0, by1 = max(0, ry0 - halo), min(oh, ry1 + halo)
+                bx0, bx1 = max(0, rx0 - halo), min(ow, rx1 + halo)
+                sub = (slice(by0, by1), slice(bx0, bx1))
+                j = iy * grid.nx + ix
+                res = zogy_arrays(new[sub], ref[sub], vnew[sub], vref[sub], bad[sub], psfs_new[j], psfs_ref[j],
+                                  pad=pads(y0 + by0, y0 + by1, x0 + bx0, x0 + bx1), origin=(y0 + by0, x0 + bx0),
+                                  **params)
+                _apply_fcorr(res, fcorr[j], (y0 + by0, x0 + bx0))
+                reg = (slice(ry0, ry1), slice(rx0, rx1))
+                loc = (slice(ry0 - by0, ry1 - by0), slice(rx0 - bx0, rx1 - bx0))
+                wgt = wy[ry0:ry1, None] * wx[None, rx0:rx1]
+                for k in out:
+                    out[k][reg] += wgt * res[k][loc]
+    # mask: bad pixels of either image spread over the PSF footprint
+    fp = _footprint(psfs_new[t], psfs_ref[t])
+    m = ndimage.binary_dilation(bad, structure=fp) if bad.any() else np.zeros(bad.shape, bool)
+    results = []
+    for k in ("diff", "scorr", "s", "fpsf", "fpsf_err"):
+        v = out[k].astype(np.float32)
+        v[m] = np.nan
+        results.append(v)
+    results.append(m.astype(np.float32))
+    return tuple(results)
+
+
+# ============================================================== the driver
+def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
+    if new["image"].shape != ref["image"].shape:
+        raise ValueError(
+            f"new has shape {new['image'].shape} but ref has shape {ref['image'].shape}; ZOGY needs aligned images "
+            "of the same shape: resample the reference onto the new image's pixel grid first "
+            "(e.g. tilepipe.subtract(..., align=True) when both have a WCS, or reproject.reproject_interp)"
+        )
+    hn, hr = has_wcs(new), has_wcs(ref)
+    if not (hn and hr):
+        if align:
+            raise ValueError("align=True needs a celestial WCS in both images; one of them has none")
+        return ref
+    wn, wr = wcs(new), wcs(ref)
+    h, w = new["image"].shape
+    yy, xx = np.mgrid[0:h - 1:5j, 0:w - 1:5j]
+    world = wn.pixel_to_world(xx.ravel(), yy.ravel())
+    xr_, yr_ = wr.world_to_pixel(world)
+    off = float(np.nanmax(np.hypot(np.asarray(xr_) - xx.ravel(), np.asarray(yr_) - yy.ravel())))
+    if off <= 0.5:
+        return ref
+    if not align:
+        raise ValueError(
+            f"the WCS of new and ref disagree by up to {off:.2f} px: the images are not aligned. "
+            "Align the reference first (pass align=True to reproject it onto the new image's WCS with "
+            "`reproject`, or register them yourself)"
+        )
+    from reproject import reproject_interp
+
+    log.info("reprojecting the reference onto the new image's WCS (offset up to %.2f px)", off)
+    hdr = wn.to_header()
+    hdr["NAXIS"] = 2
+    hdr["NAXIS1"], hdr["NAXIS2"] = w, h
+    img, foot = reproject_interp((np.asarray(ref["image"].data, dtype=np.float64), wr), wn, shape_out=(h, w))
+    var, _ = reproject_interp((np.asarray(ref["variance"].data, dtype=np.float64), wr), wn, shape_out=(h, w))
+    msk, _ = reproject_interp((np.asarray(ref["mask"].data, dtype=np.float64), wr), wn, shape_out=(h, w), order=0)
+    bad = (foot < 1) | ~np.isfinite(img) | (np.nan_to_num(msk, nan=1.0) > 0)
+    cards = [c for c in ref.attrs.get("header", [])]
+    out = open_image(np.where(bad, np.nan, img).astype(np.float32), mask=bad, variance=np.nan_to_num(var, nan=1.0),
+                     gain=ref.attrs.get("gain"), saturation=ref.attrs.get("saturation"), fwhm=ref.attrs.get("fwhm"),
+                     header=[c for c in new.attrs.get("header", []) if c[0].startswith(("CTYPE", "CRPIX", "CRVAL", "CD", "PC", "CDELT", "CUNIT", "PV", "RADESYS", "EQUINOX", "LONPOLE", "LATPOLE"))]
+                     + [c for c in cards if not c[0].startswith(("CTYPE", "CRPIX", "CRVAL", "CD", "PC", "CDELT", "CUNIT", "PV", "A_", "B_", "AP_", "BP_"))])
+    return out
+
+
+def _tile_stats(arr: da.Array, grid: TileGrid, func: Callable[[np.ndarray], float]) -> list[float]:
+    tasks = [dask.delayed(func)(arr[t.core]) for t in grid.tiles]
+    return [float(v) for v in dask.compute(*tasks)]
+
+
+def _median_finite(a: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else float("nan")
+
+
+def _good_fraction(m: np.ndarray) -> float:
+    return float(1.0 - np.asarray(m).mean()) if np.asarray(m).size else 0.0
+
+
+def _resolve_gain(ds: xr.Dataset, gain: float | None, what: str) -> float | None:
+    if gain is not None:
+        return check_positive(f"{what}_gain", gain)
+    g = ds.attrs.get("gain")
+    return float(g) if g else None
+
+
+def zogy_subtract(
+    new: xr.Dataset,
+    ref: xr.Dataset,
+    *,
+    nx: int = 1,
+    ny: int | None = None,
+    overlap: int | None = None,
+    new_psf: Any = None,
+    ref_psf: Any = None,
+    new_var: Any = None,
+    ref_var: Any = None,
+    new_gain: float | None = None,
+    ref_gain: float | None = None,
+    scale: float | None = None,
+    fit_scale: bool = True,
+    fit_shift: bool = True,
+    shift: tuple[float, float] | None = None,
+    dx: float = 0.25,
+    dy: float = 0.25,
+    subtract_background: bool = True,
+    psf_method: str = "auto",
+    feather: int | None = None,
+    precision: str = "float64",
+    align: bool = False,
+    mesh: int = 64,
+    flux_correction: bool = True,
+) -> xr.Dataset:
+    """ZOGY subtraction of two aligned image Datasets; see :func:`tilepipe.subtract`."""
+    check_choice("precision", precision, ("float32", "float64"))
+    check_choice("psf_method", psf_method, ("auto", "model", "empirical"))
+    check_positive("dx", dx, allow_zero=True)
+    check_positive("dy", dy, allow_zero=True)
+    ref = _check_pair(new, ref, align)
+    shape = tuple(new["image"].shape)
+    h, w = shape
+    gain_n = _resolve_gain(new, new_gain, "new")
+    gain_r = _resolve_gain(ref, ref_gain, "ref")
+
+    # ---------------------------------------------------------- background
+    img_n = new["image"].data
+    img_r = ref["image"].data.rechunk(img_n.chunks)
+    bad = (new["mask"].data | ref["mask"].data.rechunk(img_n.chunks) | ~da.isfinite(img_n) | ~da.isfinite(img_r))
+    bkg_n, rms_n, bmeth = nz.background_model(new, mesh=mesh)
+    bkg_r, rms_r, _ = nz.background_model(ref, mesh=mesh)
+    if subtract_background:
+        N = (img_n - bkg_n.rechunk(img_n.chunks)).astype(np.float32)
+        R = (img_r - bkg_r.rechunk(img_n.chunks)).astype(np.float32)
+    else:
+        N, R = img_n, img_r
+        bmeth = "none (rms from " + bmeth + ")"
+    N = N.rechunk(img_n.chunks)
+    R = R.rechunk(img_n.chunks)
+    # ------------------------------------------------------------ variance
+    if gain_n is None or gain_r is None:
+        warnings.warn(
+            "no gain known for " + " and ".join(k for k, g in (("new", gain_n), ("ref", gain_r)) if g is None)
+            + ": the variance map holds background noise only (no source Poisson noise), so S_corr is "
+            "overestimated on bright stars; pass new_gain=/ref_gain= (e-/ADU)",
+            FallbackWarning,
+            stacklevel=3,
+        )
+    VN = _user_var(new_var, new, shape, img_n.chunks, "new_var")
+    if VN is None:
+        VN = nz.variance_map(N, rms_n, gain_n)
+    VR = _user_var(ref_var, ref, shape, img_n.chunks, "ref_var")
+    if VR is None:
+        VR = nz.variance_map(R, rms_r, gain_r)
+    VN = VN.rechunk(img_n.chunks)
+    VR = VR.rechunk(img_n.chunks)
+
+    # ------------------------------------------------------------- PSFs
+    fwhm_n = new.attrs.get("fwhm")
+    fwhm_r = ref.attrs.get("fwhm")
+    f_new = as_psf_function(new_psf, "new_psf")
+    f_ref = as_psf_function(ref_psf, "ref_psf")
+    need = (f_new is None, f_ref is None)
+    if fwhm_n is None or fwhm_r is None:
+        cy, cx = slice(max(0, h // 2 - 512), h // 2 + 512), slice(max(0, w // 2 - 512), w // 2 + 512)
+        cut_n, cut_r, cut_b = dask.compute(N[cy, cx], R[cy, cx], bad[cy, cx])
+        if fwhm_n is None:
+            fwhm_n = _stamp_fwhm(f_new(w / 2, h / 2)) if f_new else nz.estimate_fwhm(cut_n, cut_b)
+        if fwhm_r is None:
+            fwhm_r = _stamp_fwhm(f_ref(w / 2, h / 2)) if f_ref else nz.estimate_fwhm(cut_r, cut_b)
+    fwhm_n, fwhm_r = float(fwhm_n), float(fwhm_r)
+    half = int(np.clip(np.ceil(3.0 * max(fwhm_n, fwhm_r)), 7, 40))
+    if f_new is not None:
+        half = max(half, f_new(w / 2, h / 2).shape[0] // 2)
+    if f_ref is not None:
+        half = max(half, f_ref(w / 2, h / 2).shape[0] // 2)
+    support = 3 * half
+    nx = check_int("nx", nx, lower=1)
+    ny = nx if ny is None else check_int("ny", ny, lower=1)
+    if overlap is None:
+        ov = (support if ny > 1 else 0, support if nx > 1 else 0)
+    else:
+        ov = as_pair("overlap", overlap, lower=0)
+    grid = TileGrid(shape, nx=nx, ny=ny, overlap=ov)
+    grid._check_engine()
+    oy, ox = grid.overlap
+    if (ny > 1 and oy < half) or (nx > 1 and ox < half):
+        raise ValueError(
+            f"overlap={grid.overlap} px is smaller than the PSF half-size ({half} px): the PSF does not fit "
+            f"in a tile's halo. Use overlap >= {support} (recommended) or at least {half}"
+        )
+    grid.check_overlap(support, "ZOGY (3 x PSF half-size)")
+    if min(grid.min_core) < 2 * half + 1:
+        raise ValueError(f"tiles of {grid.min_core} px are smaller than the PSF stamp ({2 * half + 1} px); use fewer tiles")
+
+    fracs = _tile_stats(bad, grid, _good_fraction)
+    if max(fracs) == 0:
+        raise ValueError("no pixel is valid in both images (the combined mask covers everything); check the masks and overlap of the images")
+    dead = [i for i, f in enumerate(fracs) if f == 0]
+    if dead:
+        raise ValueError(
+            f"tile(s) {dead} of the {ny}x{nx} grid are entirely masked in new or ref: nothing to subtract there. "
+            "Use a coarser grid (smaller nx/ny) or crop the images to the common valid area"
+        )
+
+    # ------------------------------------------- map: stars of every tile
+    sat_n = new.attrs.get("saturation")
+    sat_r = ref.attrs.get("saturation")
+    star_grid = TileGrid(shape, nx=nx, ny=ny, overlap=tuple(max(o, half + 2) if n > 1 else 0 for o, n in zip(ov, (ny, nx))))
+    stars = nz.star_table(
+        N, R, VN, VR, bad, star_grid, fwhm_new=fwhm_n, fwhm_ref=fwhm_r, half=half,
+        r_aper=float(np.clip(2.5 * max(fwhm_n, fwhm_r), 4.0, half - 1)),
+        saturation_new=None if sat_n is None else float(sat_n) - _median_finite(np.asarray(bkg_n[::64, ::64])),
+        saturation_ref=None if sat_r is None else float(sat_r) - _median_finite(np.asarray(bkg_r[::64, ::64])),
+    )
+    log.info("ZOGY: %d stars measured for the global fits", len(stars))
+    # ------------------------------------------------- reduce: PSF models
+    psf_source = {"new": "given", "ref": "given"}
+    for key, f_given in (("new", f_new), ("ref", f_ref)):
+        if f_given is not None:
+            continue
+        model = None
+        if psf_method in ("auto", "model"):
+            model = _try_build_psf(new if key == "new" else ref, psf_method)
+        if model is not None:
+            psf_source[key] = "build_psf"
+        else:
+            st = stars[(stars["flux_new"] / stars["err_new"] > 20) & (stars["flux_ref"] / stars["err_ref"] > 20)] if len(stars) else stars
+            if len(st) < 3:
+                raise ValueError(
+                    f"cannot estimate the {key} PSF: fewer than 3 bright isolated unsaturated stars found; "
+                    f"pass {key}_psf= (a 2-D stamp, a callable (x, y) -> stamp or a PSF model)"
+                )
+            col = "stamp_new" if key == "new" else "stamp_ref"
+            snr = np.asarray(st["flux_" + key]) / np.asarray(st["err_" + key])
+            model = EmpiricalPSF(np.asarray(st[col]), np.asarray(st["x"]), np.asarray(st["y"]),
+                                 np.minimum(snr, 200.0) ** 2, shape)
+            psf_source[key] = repr(model)
+        if key == "new":
+            f_new = as_psf_function(model, "new PSF model")
+        else:
+            f_ref = as_psf_function(model, "ref PSF model")
+    centres = [((t.core[1].start + t.core[1].stop - 1) / 2.0, (t.core[0].start + t.core[0].stop - 1) / 2.0) for t in grid.tiles]
+    psfs_new = [f_new(x, y) for x, y in centres]
+    psfs_ref = [f_ref(x, y) for x, y in centres]
+    size = max(p.shape[0] for p in psfs_new + psfs_ref)
+    size = max(size, 2 * half + 1)
+    psfs_new = [_odd_stamp(_embed(p, size), "new PSF") for p in psfs_new]
+    psfs_ref = [_odd_stamp(_embed(p, size), "ref PSF") for p in psfs_ref]
+    varying = nx * ny > 1 and not (
+        all(np.array_equal(p, psfs_new[0]) for p in psfs_new) and all(np.array_equal(p, psfs_ref[0]) for p in psfs_ref)
+    )
+    # ----------------------------------------- reduce: flux scale and shift
+    tix = np.asarray(stars["tile"], dtype=int) if len(stars) else np.zeros(0, int)
+    fit: dict[str, Any] = {}
+    r_ap = float(np.clip(2.5 * max(fwhm_n, fwhm_r), 4.0, half - 1))
+    if scale is not None:
+        scale_v = check_positive("scale", scale)
+        fit["scale_source"] = "given"
+    elif fit_scale:
+        if len(stars) == 0:
+            raise ValueError("no stars found to fit the flux scale; pass scale= (flux ratio new/ref)")
+        een = np.array([_ee(p, r_ap) for p in psfs_new])[tix]
+        eer = np.array([_ee(p, r_ap) for p in psfs_ref])[tix]
+        fs = nz.fit_flux_scale(stars, ee_new=een, ee_ref=eer)
+        if not np.isfinite(fs["scale"]):
+            raise ValueError("the flux scale fit failed (no usable stars); pass scale= (flux ratio new/ref)")
+        scale_v = fs["scale"]
+        fit.update(scale_err=fs["scale_err"], scale_nstars=fs["n"], scale_source="fit")
+    else:
+        scale_v = 1.0
+        fit["scale_source"] = "default 1"
+    if shift is not None:
+        sx, sy = (float(v) for v in shift)
+        fit["shift_source"] = "given"
+    elif fit_shift and len(stars):
+        offs_n = np.array([_window_offset(p, fwhm_n) for p in psfs_new])[tix]
+        offs_r = np.array([_window_offset(p, fwhm_r) for p in psfs_ref])[tix]
+        sh = nz.fit_shift(stars, offset_new=offs_n, offset_ref=offs_r)
+        sx, sy = sh["dx"], sh["dy"]
+        fit.update(shift_err=[sh["dx_err"], sh["dy_err"]], shift_nstars=sh["n"], shift_source="fit")
+    else:
+        sx, sy = 0.0, 0.0
+        fit["shift_source"] = "none"
+    # ----------------------------------------------------- noise (global)
+    rn_tiles = _tile_stats(rms_n, grid, _median_finite)
+    rr_tiles = _tile_stats(rms_r, grid, _median_finite)
+    # one global sigma per image (independent of the tiling): median rms over a strided sample
+    step = max(1, int(np.sqrt(h * w / 250_000)))
+    sn_s, sr_s = dask.compute(rms_n[::step, ::step], rms_r[::step, ::step])
+    sigma_n = _median_finite(sn_s)
+    sigma_r = _median_finite(sr_s)
+    cidx = grid.ntiles // 2
+    shift_on = "new" if _stamp_fwhm(psfs_new[cidx]) >= _stamp_fwhm(psfs_ref[cidx]) else "ref"
+    frame_offset = [float(sx), float(sy)] if shift_on == "new" else [0.0, 0.0]
+    params = dict(scale=scale_v, sigma_new=sigma_n, sigma_ref=sigma_r, shift=(sx, sy), shift_on=shift_on,
+                  dx=float(dx), dy=float(dy),
+                  precision=precision)
+    fe = max(support, 16) if feather is None else check_int("feather", feather, lower=0)
+    fe = int(min(fe, min(grid.min_core) // 2 - 1)) if varying else 0
+    pad = support
+    fcorr: list[Any] = [None] * grid.ntiles
+    if flux_correction and not _is_constant(f_new, shape):
+        for t in grid.tiles:
+            ys = np.linspace(t.core[0].start - fe, t.core[0].stop - 1 + fe, 4)
+            xs = np.linspace(t.core[1].start - fe, t.core[1].stop - 1 + fe, 4)
+            vals = _flux_correction(f_new, psfs_new[t.index], psfs_ref[t.index], ys, xs, scale_v, sigma_n, sigma_r)
+            fcorr[t.index] = (ys, xs, vals)
+    outs = _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, varying, fe, support, pad, params, fcorr)
+    pds = np.stack([psf_d_stamp(pn, pr, scale=scale_v, sigma_new=sigma_n, sigma_ref=sigma_r, shift=(sx, sy),
+                                shift_on=shift_on)
+                    for pn, pr in zip(psfs_new, psfs_ref)]).astype(np.float32)
+    f_d = 1.0 / np.sqrt(sigma_n**2 + (scale_v * sigma_r) ** 2)
+    data = {k: (("y", "x"), v) for k, v in zip(OUTPUTS[:-1], outs[:-1])}
+    data["mask"] = (("y", "x"), outs[-1] > 0)
+    data["diff_psf"] = (("tile", "py", "px"), pds)
+    coords = {
+        "tile": np.arange(grid.ntiles),
+        "tile_x0": ("tile", np.array([t.core[1].start for t in grid.tiles])),
+        "tile_x1": ("tile", np.array([t.core[1].stop for t in grid.tiles])),
+        "tile_y0": ("tile", np.array([t.core[0].start for t in grid.tiles])),
+        "tile_y1": ("tile", np.array([t.core[0].stop for t in grid.tiles])),
+    }
+    attrs = {
+        "header": list(new.attrs.get("header", [])),
+        "bunit": new.attrs.get("bunit", "adu"),
+        "method": "zogy",
+        "reference": "Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27",
+        "flux_scale": float(scale_v),
+        "shift": [float(sx), float(sy)],
+        "shift_on": shift_on,
+        "frame_offset": frame_offset,
+        "astrometric_noise": [float(dx), float(dy)],
+        "sigma_new": sigma_n,
+        "sigma_ref": sigma_r,
+        "f_d": float(f_d),
+        "noise_new_tiles": rn_tiles,
+        "noise_ref_tiles": rr_tiles,
+        "diff_noise": float(1.0 / f_d),
+        "grid": {"nx": nx, "ny": ny, "overlap": list(grid.overlap), "y_edges": grid.y_edges.tolist(),
+                 "x_edges": grid.x_edges.tolist()},
+        "feather": int(fe),
+        "varying_psf": bool(varying),
+        "psf_source": psf_source,
+        "background": bmeth,
+        "fwhm_new": fwhm_n,
+        "fwhm_ref": fwhm_r,
+        "gain_new": gain_n,
+        "gain_ref": gain_r,
+        "precision": precision,
+        "nstars_fit": int(len(stars)),
+    }
+    attrs.update(fit)
+    for k in ("gain", "saturation"):
+        if k in new.attrs:
+            attrs[k] = new.attrs[k]
+    res = xr.Dataset(data, coords=coords, attrs=attrs)
+    # carry the inputs for cutouts (lazy, no cost unless used)
+    res["new"] = (("y", "x"), N)
+    res["ref"] = (("y", "x"), R)
+    return res
+
+
+def _is_constant(f: Callable[[float, float], np.ndarray], shape: tuple[int, int]) -> bool:
+    h, w = shape
+    a = f(0.0, 0.0)
+    return all(np.array_equal(a, f(x, y)) for x, y in ((w - 1, h - 1), (w - 1, 0.0), (0.0, h - 1), (w / 2, h / 2)))
+
+
+def _embed(p: np.ndarray, size: int) -> np.ndarray:
+    if p.shape[0] == size:
+        return p
+    if p.shape[0] > size:
+        c = p.shape[0] // 2
+        h = size // 2
+        return p[c - h:c + h + 1, c - h:c + h + 1]
+    out = np.zeros((size, size))
+    o = (size - p.shape[0]) // 2
+    out[o:o + p.shape[0], o:o + p.shape[1]] = p
+    return out
+
+
+def _ee(p: np.ndarray, r: float | None) -> float:
+    if r is None:
+        return 1.0
+    c = p.shape[0] // 2
+    yy, xx = np.mgrid[-c:c + 1, -c:c + 1]
+    return float(p[(xx * xx + yy * yy) <= r * r].sum())
+
+
+def _user_var(var: Any, ds: xr.Dataset, shape: tuple[int, int], chunks: Any, name: str) -> da.Array | None:
+    if var is None:
+        return None
+    if isinstance(var, str) and var == "dataset":
+        return ds["variance"].data.astype(np.float32)
+    if isinstance(var, xr.DataArray):
+        var = var.data
+    a = var if isinstance(var, da.Array) else da.from_array(np.asarray(var, dtype=np.float32), chunks=chunks)
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape} (the image shape)")
+    return a.astype(np.float32)
+
+
+def _try_build_psf(ds: xr.Dataset, psf_method: str) -> Any:
+    try:
+        from ..psf import build_psf  # type: ignore[attr-defined]
+    except ImportError:
+        if psf_method == "model":
+            raise ValueError("psf_method='model' needs tilepipe.build_psf (the psf module), which is not available") from None
+        return None
+    try:
+        model = build_psf(ds)
+        if not hasattr(model, "at"):
+            raise TypeError("build_psf returned an object without .at(x, y)")
+        return model
+    except Exception as exc:
+        if psf_method == "model":
+            raise
+        warnings.warn(f"tilepipe.build_psf failed ({type(exc).__name__}: {exc}); using the empirical PSF fallback",
+                      FallbackWarning, stacklevel=4)
+        return None
+
+
+def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, varying, feather, halo, pad, params, fcorr):
+    from ..tiling import map_tiles
+
+    return map_tiles(
+        _zogy_tile, N, R, VN, VR, bad, grid=grid, n_out=6, dtype=np.float32, name="zogy",
+        tgrid=grid, psfs_new=psfs_new, psfs_ref=psfs_ref, varying=varying, feather=feather, halo=halo, pad=pad,
+        params=params, fcorr=fcorr,
+    )

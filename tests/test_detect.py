@@ -1,0 +1,262 @@
+"""Detection (sep per tile) and peak tools: against truth, tiled == whole image, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from scipy.spatial import cKDTree
+
+import tilepipe as tp
+from tilepipe.datasets import make_field
+from tilepipe.detect import FLAG_HALO_CUT
+from tilepipe.exceptions import FallbackWarning, OverlapWarning
+
+
+@pytest.fixture(scope="module")
+def field():
+    return make_field((768, 768), seed=11)
+
+
+@pytest.fixture(scope="module")
+def bkg(field):
+    return tp.estimate_background(field.image).compute()
+
+
+@pytest.fixture(scope="module")
+def whole(field, bkg):
+    return tp.detect_sources(field.image, background=bkg)
+
+
+def _match(cat, stars, r=1.5):
+    d, i = cKDTree(np.c_[cat["x"], cat["y"]]).query(np.c_[stars["x"], stars["y"]])
+    return d < r, i
+
+
+# ------------------------------------------------------------------ truth
+def test_completeness_and_purity_against_truth(field):
+    cat = tp.detect_sources(field.image, nsigma=1.5)  # background=None -> estimate_background
+    stars = field.stars
+    found, _ = _match(cat, stars)
+    bright = np.asarray(stars["snr"]) > 10
+    assert bright.sum() > 80
+    assert found[bright].mean() >= 0.95
+    d, _ = cKDTree(np.c_[stars["x"], stars["y"]]).query(np.c_[cat["x"], cat["y"]])
+    spurious = d > 3.0
+    assert spurious.mean() < 0.01
+    for col in ("id", "x", "y", "flux", "flux_err", "a", "b", "theta", "fwhm", "ellipticity", "peak", "npix",
+                "flags", "tile"):
+        assert col in cat.colnames
+    np.testing.assert_array_equal(cat["id"], np.arange(1, len(cat) + 1))
+    # isolated bright stars: the isophotal FWHM is below but near the true one; flux_err positive
+    good = found & bright
+    assert np.all(np.asarray(cat["flux_err"]) > 0)
+    m = cat[_match(cat, stars)[1][good]]
+    assert 0.5 * field.image.attrs["fwhm"] < np.median(m["fwhm"]) < 1.3 * field.image.attrs["fwhm"]
+
+
+# ------------------------------------------------------------ invariance
+def _assert_same(c1, c2):
+    assert len(c1) == len(c2)
+    np.testing.assert_array_equal(c1["xpeak"], c2["xpeak"])
+    np.testing.assert_array_equal(c1["ypeak"], c2["ypeak"])
+    np.testing.assert_array_equal(c1["id"], c2["id"])
+    np.testing.assert_array_equal(c1["npix"], c2["npix"])
+    for col in ("x", "y", "flux", "flux_err", "a", "b", "peak"):
+        np.testing.assert_allclose(c1[col], c2[col], rtol=1e-6, atol=1e-9, err_msg=col)
+
+
+@pytest.mark.parametrize("nx,ny", [(2, 2), (3, 2), (1, 4), (5, 3)])
+def test_tiled_equals_whole(field, bkg, whole, nx, ny):
+    cat = tp.detect_sources(field.image, background=bkg, nx=nx, ny=ny)
+    _assert_same(whole, cat)
+    assert set(np.unique(cat["tile"])) <= set(range(nx * ny))
+    assert len(np.unique(cat["tile"])) > 1
+    assert not np.any(np.asarray(cat["flags"]) & FLAG_HALO_CUT)
+
+
+def test_small_overlap_warns_and_regrows_to_the_whole_image_result(field, bkg, whole):
+    with pytest.warns(OverlapWarning, match="smaller than the support"):
+        cat = tp.detect_sources(field.image, background=bkg, nx=3, ny=3, overlap=3)
+    assert cat.meta["regrown_tiles"]  # some tiles had cut objects and were re-run with larger halos
+    _assert_same(whole, cat)
+
+
+def test_no_regrow_flags_cut_objects(field, bkg):
+    with pytest.warns(OverlapWarning):
+        cat = tp.detect_sources(field.image, background=bkg, nx=3, ny=3, overlap=3, max_regrow=0)
+    assert np.any(np.asarray(cat["flags"]) & FLAG_HALO_CUT)
+
+
+def test_real_image_tiled_equals_whole(shared_data):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unexpected extra padding")
+        ds = tp.open_image(str(shared_data / "wide_calib_procastro" / "wasp19-005.fits"))
+    bk = tp.estimate_background(ds).compute()
+    whole = tp.detect_sources(ds, nsigma=3.0, background=bk)
+    assert 900 < len(whole) < 2500  # "about 1300 sources"
+    assert 1.0 < np.median(whole["fwhm"]) < 10.0
+    # ny > 1 would cut the 1024-px-long artefact at the right edge: its tiles are re-run up to the whole height
+    tiled = tp.detect_sources(ds, nsigma=3.0, background=bk, nx=3, ny=1)
+    _assert_same(whole, tiled)
+
+
+@pytest.mark.cluster
+def test_tiled_equals_whole_on_local_cluster(field, bkg, whole, client):
+    lazy = tp.estimate_background(field.image)  # dask-backed: no big numpy arrays in the graph
+    cat = tp.detect_sources(field.image, background=lazy, nx=3, ny=3)
+    _assert_same(whole, cat)
+
+
+# -------------------------------------------------------------- bad input
+def test_pixel_stack_overflow_is_a_flagged_tile(field, bkg):
+    img = field.image["image"].values.copy()
+    yy, xx = np.mgrid[:768, :768]
+    img += 2000.0 * np.exp(-((xx - 200) ** 2 + (yy - 200) ** 2) / (2 * 20.0**2))  # a big galaxy in tile 0
+    ds = tp.open_image(img, variance=field.image["variance"].values)
+    with pytest.warns(FallbackWarning, match="sep failed"):
+        cat = tp.detect_sources(ds, background=bkg, nx=2, ny=2, pixstack=1000)
+    assert cat.meta["tile_status"]
+    assert all("failed" in v for v in cat.meta["tile_status"].values())
+    assert len(cat) > 0 and 0 not in set(cat["tile"])
+
+
+def test_all_nan_tile_and_fully_masked_image(field, bkg):
+    img = field.image["image"].values.copy()
+    img[:420, :420] = np.nan  # tile 0's whole outer box (core 384 + halo)
+    ds = tp.open_image(img, variance=field.image["variance"].values, gain=2.0)
+    with pytest.warns(FallbackWarning, match="entirely masked"):
+        cat = tp.detect_sources(ds, background=bkg, nx=2, ny=2)
+    assert len(cat) > 10
+    assert not np.any((cat["x"] < 415) & (cat["y"] < 415))
+    ds_all = tp.open_image(field.image["image"].values, mask=np.ones((768, 768), bool),
+                           variance=field.image["variance"].values)
+    with pytest.raises(ValueError, match="masked"):
+        tp.detect_sources(ds_all, background=bkg)
+
+
+def test_big_endian_input_equals_native(field, bkg, whole):
+    img = field.image["image"].values.astype(">f4")
+    var = field.image["variance"].values.astype(">f4")
+    cat = tp.detect_sources(tp.open_image(img, variance=var), background=bkg["background"].values.astype(">f8"))
+    ref = tp.detect_sources(tp.open_image(img.astype("<f4"), variance=var.astype("<f4")),
+                            background=bkg["background"].values)
+    _assert_same(ref, cat)
+
+
+def test_argument_errors(field):
+    with pytest.raises(ValueError, match="nsigma"):
+        tp.detect_sources(field.image, nsigma=-1, background=0.0)
+    with pytest.raises(ValueError, match="filter_type"):
+        tp.detect_sources(field.image, filter_type="nope", background=0.0)
+    with pytest.raises(ValueError, match="background has shape"):
+        tp.detect_sources(field.image, background=np.zeros((5, 5)))
+
+
+def test_wcs_adds_ra_dec(shared_data):
+    ds = tp.open_image(str(shared_data / "pair_decam_sfft" / "Stack-DEC-OBS04.fits"))
+    cat = tp.detect_sources(ds, nsigma=5.0)
+    assert len(cat) > 5 and "ra" in cat.colnames and "dec" in cat.colnames
+    assert np.all(np.isfinite(cat["ra"]))
+
+
+# ------------------------------------------------------------ peak tools
+def _gauss_image(shape, stars, sigma, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = np.zeros(shape)
+    for x, y, f in stars:
+        img += f / (2 * np.pi * sigma**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return img + rng.normal(0, noise, shape)
+
+
+@pytest.fixture(scope="module")
+def peak_field():
+    rng = np.random.default_rng(5)
+    g = np.arange(24.0, 233.0, 46.0)
+    xs, ys = [a.ravel() + rng.uniform(-0.5, 0.5, a.size) for a in np.meshgrid(g, g)]
+    stars = [(x, y, f) for x, y, f in zip(xs, ys, rng.uniform(2e4, 1e5, xs.size))]
+    img = _gauss_image((256, 256), stars, 3.0, 5.0)
+    hot = [(30, 200), (100, 17), (220, 150)]
+    for y, x in hot:
+        img[y, x] += 5000.0
+    return img, np.array(stars), hot
+
+
+def test_find_peaks_rejects_hot_pixels(peak_field):
+    img, stars, hot = peak_field
+    pk = tp.find_peaks(img, threshold=50.0)
+    d, _ = cKDTree(np.c_[pk["x"], pk["y"]]).query(stars[:, :2])
+    assert np.all(d < 1.0)  # every star found once at its peak pixel
+    assert len(pk) == len(stars)
+    for y, x in hot:
+        assert not np.any((pk["x"] == x) & (pk["y"] == y))
+    raw = tp.find_peaks(img, threshold=50.0, min_neighbors=0)
+    assert len(raw) == len(stars) + len(hot)
+    tiled = tp.find_peaks(tp.open_image(img.astype(np.float32)), threshold=50.0, nx=3, ny=2)
+    np.testing.assert_array_equal(tiled["x"], pk["x"])
+    np.testing.assert_array_equal(tiled["y"], pk["y"])
+
+
+def test_centroids_and_second_moments(peak_field):
+    img, stars, _ = peak_field
+    pk = tp.find_peaks(img, threshold=50.0)
+    assert len(pk) >= 10
+    cen = tp.centroids(img, pk, box=21, edge="skip")
+    d, i = cKDTree(stars[:, :2]).query(np.c_[cen["x"], cen["y"]])
+    assert np.median(d) < 0.05 and d.max() < 0.2
+    mom = tp.second_moments(img, cen, 25, edge="skip")
+    sig = np.asarray(mom["sigma"])
+    assert np.all(np.abs(sig / 3.0 - 1) < 0.10)  # the lab check: true sigma 3 px within 10 %
+    assert abs(np.median(sig) / 3.0 - 1) < 0.02
+    tiled = tp.centroids(tp.open_image(img.astype(np.float32)), pk, box=21, edge="skip", nx=2, ny=3)
+    ref = tp.centroids(img.astype(np.float32), pk, box=21, edge="skip")
+    np.testing.assert_array_equal(tiled["x"], ref["x"])
+
+
+def test_centroid_edge_rule():
+    img = _gauss_image((64, 64), [(3.2, 30.0, 1e4), (32.0, 32.0, 1e4)], 1.5, 1.0)
+    peaks = np.array([[3.0, 30.0], [32.0, 32.0]])
+    with pytest.raises(ValueError, match="edge='skip'"):
+        tp.centroids(img, peaks, box=11)
+    out = tp.centroids(img, peaks, box=11, edge="skip")
+    assert len(out) == 1 and abs(out["x"][0] - 32.0) < 0.05
+    with pytest.raises(ValueError, match="odd"):
+        tp.centroids(img, peaks, box=10)
+
+
+def test_remove_close():
+    t = Table({"x": [10.0, 12.0, 50.0, 80.0, 83.5], "y": [10.0, 10.0, 50.0, 80.0, 80.0],
+               "peak": [5.0, 9.0, 1.0, 2.0, 1.0]})
+    out = tp.remove_close(t, 3.0)
+    np.testing.assert_array_equal(out["x"], [50.0, 80.0, 83.5])
+    out = tp.remove_close(t, 4.0, keep="brightest")
+    np.testing.assert_array_equal(out["x"], [12.0, 50.0, 80.0])
+    arr = tp.remove_close(np.c_[t["x"], t["y"]], 3.0)
+    assert arr.shape == (3, 2)
+
+
+# -------------------------------------------------------------------- CLI
+@pytest.mark.cluster
+def test_cli_detect_writes_catalog_and_plot(tmp_path, field, client):
+    from click.testing import CliRunner
+
+    from tilepipe.cli import main
+
+    src = tmp_path / "img.fits"
+    from astropy.io import fits
+
+    fits.writeto(src, field.image["image"].values[:256, :320])
+    out = tmp_path / "cat.ecsv"
+    png = tmp_path / "q.png"
+    res = CliRunner().invoke(main, ["--no-progress", "--nx", "2", "detect", str(src),
+                                    "-o", str(out), "--nsigma", "3", "--plot", str(png)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cat = Table.read(out)
+    assert len(cat) > 15 and "flux" in cat.colnames
+    assert png.stat().st_size > 5_000
+    res = CliRunner().invoke(main, ["detect", str(tmp_path / "missing.fits"), "-o", str(out)])
+    assert res.exit_code != 0 and "cannot open" in res.output

@@ -1,0 +1,340 @@
+"""The nightly pipeline: config validation, resumability, a real scheduler + workers, S3, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tilepipe as tp
+from tilepipe import datasets
+from tilepipe.cli import main
+from tilepipe.pipeline import ConfigError, load_config, run_pipeline
+
+SIZE = 320
+STEPS = {"background": {"mesh": 32}, "detect": {"nsigma": 5.0}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    """Three raw exposures of field F1 (FITS), one corrupt file, and a reference."""
+    root = tmp_path_factory.mktemp("night")
+    (root / "raw").mkdir()
+    for i in range(3):
+        pair = datasets.make_pair((SIZE, SIZE), seed=10 + i, n_transients=3)
+        ds = pair.new
+        ds.attrs["header"] = ds.attrs["header"] + [["OBJECT", "F1", "field"]]
+        tp.write_fits(ds, root / "raw" / f"exp{i}.fits", overwrite=True)
+        if i == 0:
+            tp.write_fits(pair.ref, root / "ref_F1.fits", overwrite=True)
+    return root
+
+
+def _config(night: Path, out, steps=None, **run) -> dict:
+    return {
+        "run": {"output": str(out), "nx": 2, "ny": 2, "overlap": 32, "quicklook": True, **run},
+        "exposures": {"paths": [str(night / "raw" / "exp*.fits")]},
+        "references": {"F1": str(night / "ref_F1.fits")},
+        "steps": steps or STEPS,
+    }
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda c: c.pop("run"), r"\[run\] output is required"),
+        (lambda c: c["run"].update(nx=0), r"\[run\] nx must be an integer >= 1"),
+        (lambda c: c["steps"].update(sharpen={}), r"unknown key\(s\) 'sharpen' in \[steps\]"),
+        (lambda c: c["steps"].update(detect={"nsgima": 3}), r"unknown key\(s\) 'nsgima' in \[steps.detect\]"),
+        (lambda c: c.update(references={}) or c["steps"].update(subtract={}), r"subtract needs \[references\]"),
+        (lambda c: c["steps"].update(transients={}), r"transients needs the subtract step"),
+        (lambda c: c.update(exposures={"paths": ["/nonexistent/*.fits"]}), r"matched no files"),
+        (lambda c: c.update(colour="red"), r"unknown key\(s\) 'colour' in \[top level\]"),
+    ],
+)
+def test_config_errors_name_the_key(night, tmp_path, mutate, match):
+    cfg = _config(night, tmp_path / "out")
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=match):
+        run_pipeline(cfg, client=_NoClient())
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+class _NoClient:
+    """Stands in for a client where the test fails before any computation."""
+
+    dashboard_link = ""
+
+    def as_current(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_toml_file_round_trip(night, tmp_path):
+    toml = tmp_path / "night.toml"
+    toml.write_text(
+        f"""
+[run]
+output = "out"
+nx = 2
+overlap = 32
+[exposures]
+paths = ["{night}/raw/exp*.fits"]
+[steps]
+background = {{ mesh = 32 }}
+detect = {{ nsigma = 5.0 }}
+"""
+    )
+    cfg = load_config(toml)
+    assert cfg["run"]["output"] == str(tmp_path / "out")
+    assert cfg["run"]["ny"] == 2
+    assert list(cfg["steps"]) == ["background", "detect"]
+
+
+# ------------------------------------------------------------- local runs
+def test_night_resumable_and_failures_reported(night, tmp_path, client):
+    out = tmp_path / "out"
+    cfg = _config(night, out)
+    bad = tmp_path / "corrupt.fits"
+    bad.write_bytes(b"SIMPLE  =                    T" + b"\0" * 100)
+    cfg["exposures"]["paths"].append(str(bad))
+    s1 = run_pipeline(cfg, client=client)
+    assert s1["n_done"] == 3 and s1["n_failed"] == 1
+    failed = [e for e in s1["exposures"] if e["status"] == "failed"][0]
+    assert failed["name"] == "corrupt" and failed["error"]
+    assert not (out / "corrupt").exists()  # nothing half-written under a final name
+    for i in range(3):
+        d = out / f"exp{i}"
+        rec = json.loads((d / "_COMPLETE.json").read_text())
+        assert rec["counts"]["sources"] > 10
+        assert rec["config"]["steps"] == cfg["steps"] and "tilepipe" in rec["versions"]
+        assert (d / "catalog.ecsv").exists() and (d / "quicklook.png").exists()
+        prod = tp.open_image(str(d / "products.zarr"))
+        assert {"background", "rms"} <= set(prod.data_vars)
+        assert "tilepipe_config" in prod.attrs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_failed"] == 1 and (out / "summary.html").read_text().count("<tr") == 5
+    # a rerun skips the complete products; an incomplete one is redone
+    (out / "exp1" / "_COMPLETE.json").unlink()
+    before = (out / "exp0" / "catalog.ecsv").stat().st_mtime_ns
+    s2 = run_pipeline(cfg, client=client)
+    status = {e["name"]: e["status"] for e in s2["exposures"]}
+    assert status == {"exp0": "skipped", "exp1": "done", "exp2": "skipped", "corrupt": "failed"}
+    assert (out / "exp0" / "catalog.ecsv").stat().st_mtime_ns == before
+    s3 = run_pipeline(cfg, client=client, force=True)
+    assert s3["n_done"] == 3 and s3["n_skipped"] == 0
+
+
+def test_missing_reference_fails_that_exposure_only(night, tmp_path, client):
+    cfg = _config(night, tmp_path / "out", steps={"subtract": {"method": "zogy"}})
+    cfg["references"] = {"OTHER": str(night / "ref_F1.fits")}
+    s = run_pipeline(cfg, client=client)
+    assert s["n_failed"] == 3
+    assert all("no reference image for field 'F1'" in e["error"] for e in s["exposures"])
+
+
+def test_subtraction_night_with_transients(night, tmp_path, client):
+    cfg = _config(night, tmp_path / "out", steps={"background": {"mesh": 32}, "subtract": {"method": "zogy"},
+                                                  "transients": {"nsigma": 5.0}})
+    cfg["exposures"]["paths"] = [str(night / "raw" / "exp0.fits")]
+    s = run_pipeline(cfg, client=client)
+    assert s["n_done"] == 1, s["exposures"]
+    d = tmp_path / "out" / "exp0"
+    prod = tp.open_image(str(d / "products.zarr"))
+    assert {"diff", "scorr"} <= set(prod.data_vars)
+    cand = tp.read_table(str(d / "candidates.ecsv"))
+    assert len(cand) >= 1
+
+
+def test_cli_run_and_unwritable_output(night, tmp_path):
+    toml = tmp_path / "night.toml"
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    toml.write_text(
+        f'[run]\noutput = "{blocker}/out"\n[exposures]\npaths = ["{night}/raw/exp0.fits"]\n'
+        "[steps]\nbackground = {}\n"
+    )
+    r = CliRunner().invoke(main, ["run", str(toml)])
+    assert r.exit_code != 0 and "cannot write to the output location" in r.output
+
+
+def test_unreachable_scheduler_fails_fast(night, tmp_path):
+    port = _free_port()
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match="could not reach the Dask scheduler"):
+        run_pipeline(_config(night, tmp_path / "out"), scheduler=f"tcp://127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 30
+
+
+# ------------------------------------------------- real scheduler + workers
+class _Cluster:
+    def __init__(self, nworkers: int = 2):
+        self.port = _free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.scheduler = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+             "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--nthreads", "1",
+                 "--no-dashboard", "--name", f"w{i}", "--host", "127.0.0.1"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i in range(nworkers)
+        ]
+        from distributed import Client
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                self.client = Client(self.address, timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        self.client.wait_for_workers(nworkers, timeout=60)
+
+    def close(self):
+        self.client.close()
+        for p in self.workers + [self.scheduler]:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.workers + [self.scheduler]:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def dask_cluster():
+    c = _Cluster(2)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _products(out: Path) -> dict:
+    res = {}
+    for d in sorted(p for p in out.iterdir() if p.is_dir()):
+        cat = tp.read_table(str(d / "catalog.ecsv"))
+        prod = tp.open_image(str(d / "products.zarr"))
+        res[d.name] = (cat, np.asarray(prod["background"]), np.asarray(prod["rms"]))
+    return res
+
+
+@pytest.mark.cluster
+def test_night_on_scheduler_and_workers_survives_a_killed_worker(night, tmp_path, dask_cluster):
+    """Run through `dask scheduler` + 2 `dask worker` processes; kill one mid-night; same outputs."""
+    ref_out = tmp_path / "undisturbed"
+    s0 = run_pipeline(_config(night, ref_out), scheduler=dask_cluster.address)
+    assert s0["n_done"] == 3
+    expected = _products(ref_out)
+
+    out = tmp_path / "disturbed"
+    killed = threading.Event()
+
+    def killer():
+        c = dask_cluster.client
+        victim = dask_cluster.workers[1]
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed.is_set():
+            processing = c.processing()
+            busy = [w for w, tasks in processing.items() if tasks]
+            if len(busy) >= 1 and (out / "exp0").exists() or any(p.name.startswith(".exp1") for p in out.glob(".*")):
+                victim.kill()
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    out.mkdir()
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    s1 = run_pipeline(_config(night, out), scheduler=dask_cluster.address)
+    th.join(timeout=5)
+    assert killed.is_set(), "the worker was not killed during the night"
+    assert dask_cluster.workers[1].poll() is not None
+    assert s1["n_done"] == 3, s1["exposures"]
+    got = _products(out)
+    assert set(got) == set(expected)
+    for name in expected:
+        c0, b0, r0 = expected[name]
+        c1, b1, r1 = got[name]
+        assert len(c0) == len(c1)
+        for col in ("x", "y", "flux"):
+            assert np.array_equal(np.asarray(c0[col]), np.asarray(c1[col]))
+        assert np.array_equal(b0, b1) and np.array_equal(r0, r1)
+
+
+# ------------------------------------------------------------ object store
+def test_night_from_and_to_s3(night, s3_bucket, client):
+    import s3fs
+
+    bucket, opts = s3_bucket
+    fs = s3fs.S3FileSystem(**opts)
+    for i in range(2):
+        fs.put_file(str(night / "raw" / f"exp{i}.fits"), f"{bucket}/raw/exp{i}.fits")
+    cfg = {
+        "run": {"output": f"s3://{bucket}/products", "nx": 2, "overlap": 32, "storage_options": opts},
+        "exposures": {"paths": [f"s3://{bucket}/raw/exp*.fits"]},
+        "steps": STEPS,
+    }
+    s = run_pipeline(cfg, client=client)
+    assert s["n_done"] == 2, s["exposures"]
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/products/exp0/_COMPLETE.json")
+    assert fs.exists(f"{bucket}/products/summary.html")
+    prod = tp.open_image(f"s3://{bucket}/products/exp1/products.zarr", storage_options=opts)
+    assert "background" in prod
+    # rerun skips everything
+    s2 = run_pipeline(cfg, client=client)
+    assert s2["n_skipped"] == 2
+
+
+def test_wrong_s3_credentials_fail_before_any_work(night, s3_bucket, client):
+    """With IAM checks on (moto's real signature verification), unknown keys fail in preflight."""
+    import s3fs
+    from moto.core.authorization import enable_iam_authentication
+
+    bucket, opts = s3_bucket
+    bad = dict(opts, key="AKIAWRONGKEY0000000", secret="wrong-secret")
+    cfg = {
+        "run": {"output": f"s3://{bucket}/products", "storage_options": bad},
+        "exposures": {"paths": [str(night / "raw" / "exp0.fits")]},
+        "steps": STEPS,
+    }
+    with enable_iam_authentication():
+        with pytest.raises(PermissionError, match="cannot write to the output location"):
+            run_pipeline(cfg, client=client)
+    fs = s3fs.S3FileSystem(**opts)
+    fs.invalidate_cache()
+    assert fs.ls(bucket) == []  # no partial output
+
+
+def test_missing_bucket_fails_before_any_work(night, s3_server, client):
+    cfg = {
+        "run": {"output": "s3://tilepipe-no-such-bucket/products", "storage_options": s3_server},
+        "exposures": {"paths": [str(night / "raw" / "exp0.fits")]},
+        "steps": STEPS,
+    }
+    with pytest.raises(PermissionError, match="tilepipe-no-such-bucket"):
+        run_pipeline(cfg, client=client)
