@@ -51,12 +51,16 @@ def s3_bucket(s3_server):
     """A fresh bucket on the moto server; yields ``(bucket_name, storage_options)``."""
     import uuid
 
-    import s3fs
+    import boto3
 
-    fs = s3fs.S3FileSystem(**s3_server)
     name = f"tp-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(name)
-    fs.invalidate_cache()
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server["client_kwargs"]["endpoint_url"],
+        aws_access_key_id=s3_server["key"],
+        aws_secret_access_key=s3_server["secret"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket=name)
     yield name, s3_server
 
 

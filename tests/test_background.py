@@ -328,3 +328,21 @@ def test_cli_background_on_cluster(client, tmp_path, field):
         assert hdul["BACKGROUND"].data.shape == field.sky.shape
     res = runner.invoke(main, ["background", str(src), "-o", str(tmp_path / "x.zarr"), "--mesh", "4096"])
     assert res.exit_code != 0 and "mesh" in res.output
+
+
+def test_thread_safety(awkward):
+    """Concurrent calls (and dask's threaded tiles inside each) give identical maps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img, _ = awkward
+    img = np.nan_to_num(img, nan=100.0)
+
+    def run(n):
+        b = estimate_background(img, mesh=32, nx=n, ny=2)
+        return b["background"].values, b["rms"].values
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(run, [1, 2, 3, 4]))
+    for b, r in results[1:]:
+        np.testing.assert_allclose(b, results[0][0], rtol=1e-5)
+        np.testing.assert_allclose(r, results[0][1], rtol=1e-5)

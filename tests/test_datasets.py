@@ -59,7 +59,10 @@ def test_field_structure(field):
     assert list(stars["id"]) == list(range(1, len(stars) + 1))
     yx = np.column_stack([stars["y"], stars["x"]])
     assert np.all(np.diff(yx[:, 0]) >= 0)  # sorted by y
-    assert stars["x"].min() >= 8 and stars["x"].max() <= 511 - 8
+    assert stars["x"].min() >= 8 and stars["x"].max() <= 511 - 8 and stars["y"].min() >= 8
+    whole_field = make_field((128, 128), 3, edge=None, n_stars=200)  # edge=None: whole stamps inside
+    whole, R = whole_field.stars, true_psf(whole_field.image).radius
+    assert whole["x"].min() >= R and whole["x"].max() <= 127 - R and whole["y"].min() >= R
     assert stars["flux"].min() >= 100 and stars["flux"].max() <= 3e5
     assert ds.attrs["gain"] == 2.0 and ds.attrs["read_noise"] == 5.0
     assert "saturation" not in ds.attrs

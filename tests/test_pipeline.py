@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -50,7 +51,7 @@ def _config(night: Path, out, steps=None, **run) -> dict:
         "run": {"output": str(out), "nx": 2, "ny": 2, "overlap": 32, "quicklook": True, **run},
         "exposures": {"paths": [str(night / "raw" / "exp*.fits")]},
         "references": {"F1": str(night / "ref_F1.fits")},
-        "steps": steps or STEPS,
+        "steps": copy.deepcopy(steps or STEPS),
     }
 
 
@@ -296,7 +297,7 @@ def test_night_from_and_to_s3(night, s3_bucket, client):
     cfg = {
         "run": {"output": f"s3://{bucket}/products", "nx": 2, "overlap": 32, "storage_options": opts},
         "exposures": {"paths": [f"s3://{bucket}/raw/exp*.fits"]},
-        "steps": STEPS,
+        "steps": copy.deepcopy(STEPS),
     }
     s = run_pipeline(cfg, client=client)
     assert s["n_done"] == 2, s["exposures"]
@@ -320,7 +321,7 @@ def test_wrong_s3_credentials_fail_before_any_work(night, s3_bucket, client):
     cfg = {
         "run": {"output": f"s3://{bucket}/products", "storage_options": bad},
         "exposures": {"paths": [str(night / "raw" / "exp0.fits")]},
-        "steps": STEPS,
+        "steps": copy.deepcopy(STEPS),
     }
     with enable_iam_authentication():
         with pytest.raises(PermissionError, match="cannot write to the output location"):
@@ -334,7 +335,7 @@ def test_missing_bucket_fails_before_any_work(night, s3_server, client):
     cfg = {
         "run": {"output": "s3://tilepipe-no-such-bucket/products", "storage_options": s3_server},
         "exposures": {"paths": [str(night / "raw" / "exp0.fits")]},
-        "steps": STEPS,
+        "steps": copy.deepcopy(STEPS),
     }
     with pytest.raises(PermissionError, match="tilepipe-no-such-bucket"):
         run_pipeline(cfg, client=client)

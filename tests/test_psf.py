@@ -266,7 +266,8 @@ def test_psf_photometry_tiled_equals_whole(field, psf_pixel, photometry):
 
 
 # ----------------------------------------------------------------- CLI
-def test_cli_psf_and_photometry(tmp_path):
+@pytest.mark.cluster
+def test_cli_psf_and_photometry(tmp_path, local_cluster):
     from astropy.io import fits
     from click.testing import CliRunner
 
@@ -277,7 +278,8 @@ def test_cli_psf_and_photometry(tmp_path):
     hdr = fits.Header([("GAIN", 2.0)])
     fits.PrimaryHDU(np.asarray(f.image["image"].values), header=hdr).writeto(img)
     runner = CliRunner()
-    r = runner.invoke(main, ["--no-progress", "psf", str(img), "-o", str(tmp_path / "psf.fits"), "--degree", "1",
+    sched = ["--scheduler", local_cluster.scheduler.address, "--no-progress"]
+    r = runner.invoke(main, [*sched, "psf", str(img), "-o", str(tmp_path / "psf.fits"), "--degree", "1",
                              "--plot", str(tmp_path / "psf.png")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "psf.png").stat().st_size > 1000
@@ -285,10 +287,10 @@ def test_cli_psf_and_photometry(tmp_path):
     assert np.abs(psf.at(192, 192) - true_psf(f.image).at(192, 192)).sum() < 0.05
     cat = tmp_path / "cat.ecsv"
     f.stars[f.stars["snr"] > 30].write(cat)
-    r = runner.invoke(main, ["--no-progress", "photometry", str(img), "--psf", str(tmp_path / "psf.fits"),
+    r = runner.invoke(main, [*sched, "photometry", str(img), "--psf", str(tmp_path / "psf.fits"),
                              "-o", str(tmp_path / "phot.ecsv"), "--catalog", str(cat)])
     assert r.exit_code == 0, r.output
     out = Table.read(tmp_path / "phot.ecsv")
     assert len(out) == int(np.sum(f.stars["snr"] > 30)) and "flux_err" in out.colnames
-    r = runner.invoke(main, ["--no-progress", "photometry", str(img), "--psf", str(img), "-o", str(tmp_path / "x.ecsv")])
+    r = runner.invoke(main, [*sched, "photometry", str(img), "--psf", str(img), "-o", str(tmp_path / "x.ecsv")])
     assert r.exit_code != 0 and "PSF" in r.output

@@ -269,3 +269,30 @@ def test_bad_arguments():
         sfft_subtract(a, np.zeros((32, 64)), kernel_half_width=2)
     with pytest.raises(TypeError, match="objects"):
         sfft_subtract(a, a, kernel_half_width=2, new_fwhm=2, ref_fwhm=2, objects="stars")
+
+
+# --------------------------------------------------------------------- CLI
+def test_cli_subtract_method_sfft(tmp_path):
+    from astropy.io import fits
+    from click.testing import CliRunner
+
+    from tilepipe.cli import main
+    from tilepipe.io import read_zarr
+
+    pair = make_pair((192, 192), seed=2, n_transients=2)
+    paths = []
+    for name, ds in (("new", pair.new), ("ref", pair.ref)):
+        hdr = fits.Header()
+        hdr["GAIN"] = ds.attrs["gain"]
+        hdr["FWHM"] = ds.attrs["fwhm"]
+        p = tmp_path / f"{name}.fits"
+        fits.writeto(p, ds["image"].values, hdr)
+        paths.append(str(p))
+    out = tmp_path / "diff.zarr"
+    r = CliRunner().invoke(main, ["--nx", "2", "--no-progress", "subtract", *paths, "-o", str(out), "--method",
+                                  "sfft", "--no-cluster", "--candidates", str(tmp_path / "cand.ecsv")])
+    assert r.exit_code == 0, r.output
+    res = read_zarr(str(out))
+    assert res.attrs["method"] == "sfft" and res.attrs["nx"] == 2
+    assert abs(res.attrs["flux_ratio"] / pair.new.attrs["truth_flux_scale"] - 1) < 0.05
+    assert (tmp_path / "cand.ecsv").exists()

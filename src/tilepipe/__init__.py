@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "calibrate": "calibrate",
     "estimate_background": "background",
     "subtract_background": "background",
+    "mesh_statistics": "background",
     "detect_sources": "detect",
     "find_peaks": "detect",
     "centroids": "detect",
@@ -55,9 +56,11 @@ _LAZY: dict[str, str] = {
     "PSFModel": "psf",
     "GaussianPSF": "psf",
     "MoffatPSF": "psf",
+    "load_psf": "psf",
     # subtraction
     "subtract": "subtract",
     "find_transients": "subtract",
+    "sfft_subtract": "subtract.sfft",
     # cutouts, coadds, mosaics
     "cutout": "cutout",
     "cutouts": "cutout",

@@ -59,7 +59,7 @@ import xarray as xr
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning
-from .tiling import Tile, TileGrid, _overlapped, map_tiles
+from .tiling import Tile, TileGrid, map_tiles
 
 __all__ = ["estimate_background", "subtract_background", "mesh_statistics"]
 
@@ -372,16 +372,21 @@ def _source_mask(img: np.ndarray, bad: np.ndarray, ref: np.ndarray, rms: np.ndar
     return src
 
 
-def _poly_tile_sums(img, bad, ref, rms, *, tile: Tile, shape, order, coef, detect_thresh, minarea, grow, nsigma):
-    """Per-tile normal-equation sums of the clipped sky fit: ``(A^T A, A^T b, n, sum r^2)``."""
+def _source_mask_tile(img, bad, ref, rms, *, tile: Tile, detect_thresh, minarea, grow) -> np.ndarray:
+    """The grown source mask of a tile's outer box (the engine keeps the core)."""
+    img = np.asarray(img, dtype=np.float32)
+    bad = np.asarray(bad, dtype=bool) | ~np.isfinite(img)
+    return _source_mask(img, bad, np.asarray(ref, dtype=np.float32), np.asarray(rms, dtype=np.float32),
+                        detect_thresh, minarea, grow)
+
+
+def _poly_tile_sums(img, bad, src, ref, rms, *, tile: Tile, shape, order, coef, nsigma):
+    """Per-tile normal-equation sums of the clipped sky fit over the core: ``(A^T A, A^T b, n, sum r^2)``."""
     img = np.asarray(img, dtype=np.float64)
     bad = np.asarray(bad, dtype=bool) | ~np.isfinite(img)
-    ref = np.asarray(ref, dtype=np.float64)
+    src = np.asarray(src, dtype=bool)
     rms = np.asarray(rms, dtype=np.float64)
-    src = _source_mask(img, bad, ref, rms, detect_thresh, minarea, grow)
-    ci = tile.inner
-    img, bad, ref, rms, src = img[ci], bad[ci], ref[ci], rms[ci], src[ci]
-    model = ref if coef is None else _poly_eval(coef, *tile.core, shape)
+    model = np.asarray(ref, dtype=np.float64) if coef is None else _poly_eval(coef, *tile.core, shape)
     res = np.where(bad, 0.0, img - model)
     keep = ~bad & ~src & ((np.abs(res) < nsigma * rms) | (rms <= 0))
     w = keep.astype(np.float64)
@@ -564,7 +569,9 @@ def mesh_statistics(
     -------
     dict
         ``mode``, ``sigma`` (float64, NaN for bad meshes) and ``valid``
-        (bool), each of shape ``(ceil(ny_pix / my), ceil(nx_pix / mx))``.
+        (bool), each of shape ``(ceil(ny_pix / my), ceil(nx_pix / mx))``
+        (rows = y), before bad-mesh filling and filtering; ``empty_tiles``:
+        indices of the tiles without any good mesh.
     """
     ds = _prepare(ds, mask)
     shape = tuple(ds["image"].shape)
@@ -805,11 +812,15 @@ def _fit_poly(ds, bmesh, rmesh, g0: TileGrid, *, order, grow, minarea, detect_th
     f = dask.delayed(_poly_tile_sums, pure=True)
     total_fits = 0
     for round_ in range(iters):
-        blocks = [b.to_delayed() for b in _overlapped([img, bad, ref, rms], g)]
+        # the grown source mask of this round, computed once (with the halo) and kept
+        src = map_tiles(_source_mask_tile, img, bad, ref, rms, grid=g, dtype=bool, name="background-sources",
+                        detect_thresh=detect_thresh, minarea=minarea, grow=grow)
+        (src,) = dask.persist(src)
+        blocks = [b.rechunk(g.chunks).to_delayed() for b in (img, bad, src, ref, rms)]
         n_prev = -1
         for it in range(maxiters):
             tasks = [f(*[b[t.iy, t.ix] for b in blocks], tile=t, shape=shape, order=order, coef=coef,
-                       detect_thresh=detect_thresh, minarea=minarea, grow=grow, nsigma=nsigma) for t in g.tiles]
+                       nsigma=nsigma) for t in g.tiles]
             sums = dask.compute(*tasks)
             A = np.sum([s[0] for s in sums], axis=0)
             b = np.sum([s[1] for s in sums], axis=0)
@@ -881,5 +892,5 @@ def subtract_background(ds: Any, bkg: xr.Dataset | None = None, **kwargs: Any) -
     return out
 
 
-for _f in (_mesh_stats_block, _eval_mesh_tile, _eval_poly_tile, _poly_tile_sums):
+for _f in (_mesh_stats_block, _eval_mesh_tile, _eval_poly_tile, _poly_tile_sums, _source_mask_tile):
     _token(_f)

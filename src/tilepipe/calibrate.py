@@ -33,7 +33,7 @@ import datetime as _dt
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 import dask.array as da
@@ -82,19 +82,19 @@ def _open(name: str, src: Any, chunks: Any, saturation: float | None, storage_op
 
 
 # -------------------------------------------- exact lazy median over blocks
-def _p1(v: np.ndarray, g: np.ndarray) -> tuple[int, float, float]:
-    sel = v[g]
+def _p1(v: np.ndarray) -> tuple[int, float, float]:
+    sel = v[np.isfinite(v)]
     if sel.size == 0:
         return 0, np.inf, -np.inf
     return int(sel.size), float(sel.min()), float(sel.max())
 
 
-def _r1(parts: list) -> tuple[int, float, float]:
+def _r1(parts: list, what: str) -> tuple[int, float, float]:
     n = sum(p[0] for p in parts)
     if n == 0:
         raise ValueError(
-            "the flat has no good pixels (all masked, non-finite or <= 0 after bias/dark correction); "
-            "check the flat frame and the bias/dark given with it"
+            f"the {what} has no good pixels (all masked, non-finite, or <= 0 after bias/dark correction); "
+            f"check the {what} frame and the frames subtracted from it"
         )
     return n, min(p[1] for p in parts), max(p[2] for p in parts)
 
@@ -106,8 +106,8 @@ def _bin(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(idx, 0, _NBINS - 1)
 
 
-def _p2(v: np.ndarray, g: np.ndarray, r1: tuple) -> np.ndarray:
-    return np.bincount(_bin(v[g], r1[1], r1[2]), minlength=_NBINS)
+def _p2(v: np.ndarray, r1: tuple) -> np.ndarray:
+    return np.bincount(_bin(v[np.isfinite(v)], r1[1], r1[2]), minlength=_NBINS)
 
 
 def _r2(hists: list, r1: tuple) -> tuple[int, int, int, int, int]:
@@ -120,8 +120,8 @@ def _r2(hists: list, r1: tuple) -> tuple[int, int, int, int, int]:
     return b1, b2, before, k1, k2
 
 
-def _p3(v: np.ndarray, g: np.ndarray, r1: tuple, r2: tuple) -> np.ndarray:
-    sel = v[g]
+def _p3(v: np.ndarray, r1: tuple, r2: tuple) -> np.ndarray:
+    sel = v[np.isfinite(v)]
     b = _bin(sel, r1[1], r1[2])
     return sel[(b >= r2[0]) & (b <= r2[1])]
 
@@ -132,40 +132,38 @@ def _r3(parts: list, r2: tuple) -> float:
     return float(0.5 * (vals[k1 - before] + vals[k2 - before]))
 
 
-def _lazy_median(values: da.Array, good: da.Array) -> da.Array:
-    """Exact median of ``values[good]`` as a lazy 0-d dask array (= ``numpy.median``).
+def _lazy_median(values: da.Array, what: str = "flat") -> da.Array:
+    """Exact median of the finite values of ``values`` as a lazy 0-d dask array (= ``numpy.median``).
 
     Three passes over the blocks (count/min/max, a 65536-bin histogram, then
     the values in the bin(s) holding the middle order statistics), each a
-    per-block task followed by a tiny reduction: no task holds the whole image.
+    per-block task followed by a tiny reduction: no task holds the whole image,
+    and the result does not depend on the chunking.  Bad pixels are NaN.
     """
-    good = good.rechunk(values.chunks)
     vb = values.to_delayed().ravel()
-    gb = good.to_delayed().ravel()
-    p1 = [dask.delayed(_p1)(v, g) for v, g in zip(vb, gb)]
-    r1 = dask.delayed(_r1)(p1)
-    r2 = dask.delayed(_r2)([dask.delayed(_p2)(v, g, r1) for v, g in zip(vb, gb)], r1)
-    r3 = dask.delayed(_r3)([dask.delayed(_p3)(v, g, r1, r2) for v, g in zip(vb, gb)], r2)
+    r1 = dask.delayed(_r1)([dask.delayed(_p1)(v) for v in vb], what)
+    r2 = dask.delayed(_r2)([dask.delayed(_p2)(v, r1) for v in vb], r1)
+    r3 = dask.delayed(_r3)([dask.delayed(_p3)(v, r1, r2) for v in vb], r2)
     return da.from_delayed(r3, shape=(), dtype=np.float64)
 
 
 def _check_max(m: float) -> float:
     if not np.isfinite(m) or m <= 0:
         raise ValueError(
-            "the flat has no good pixels (all masked, non-finite or <= 0 after bias/dark correction); "
-            "check the flat frame and the bias/dark given with it"
+            "the flat has no good pixels (all masked, non-finite, or <= 0 after bias/dark correction); "
+            "check the flat frame and the frames subtracted from it"
         )
     return float(m)
 
 
-def flat_normalization(flat: da.Array, good: da.Array, method: str = "median") -> da.Array:
-    """Lazy global normalisation of a flat: the exact median (or max) of ``flat[good]``.
+def flat_normalization(flat: da.Array, good: da.Array | None = None, method: str = "median") -> da.Array:
+    """Lazy global normalisation of a flat: the exact median (or max) of its good pixels.
 
     Parameters
     ----------
     flat : dask.array.Array
-        The (bias/dark corrected) flat, ``[y, x]``.
-    good : dask.array.Array of bool
+        The (bias/dark corrected) flat, ``[y, x]``; NaN pixels are bad.
+    good : dask.array.Array of bool, optional
         True where the flat pixel may be used (finite, > 0, not masked).
     method : {"median", "max"}
 
@@ -176,10 +174,129 @@ def flat_normalization(flat: da.Array, good: da.Array, method: str = "median") -
         pixel is good.
     """
     check_choice("flat_norm", method, ("median", "max"))
+    flat = da.asarray(flat).astype(np.float64)
+    if good is not None:
+        flat = da.where(da.asarray(good).rechunk(flat.chunks), flat, np.nan)
     if method == "median":
-        return _lazy_median(flat, good)
-    m = da.where(good, flat, -np.inf).max()
+        return _lazy_median(flat, what="flat")
+    m = da.nanmax(da.where(da.isfinite(flat), flat, -np.inf))
     return da.from_delayed(dask.delayed(_check_max)(m), shape=(), dtype=np.float64)
+
+
+# ------------------------------------------------------------- tile kernels
+class _Spec(NamedTuple):
+    """Coefficients and switches of one calibration (module docstring)."""
+
+    has_b: bool
+    has_d: bool
+    has_f: bool
+    dc_minus_b: bool  # dark current = dark - bias
+    s: float  # dark scale
+    b: float  # coefficient of the bias in num (for the variance)
+    flat_b: bool  # subtract the bias from the flat
+    sf: float  # dark scale for the flat
+    bf: float  # coefficient of the bias in Fc (for the variance)
+    var_b: bool
+    var_d: bool
+    var_f: bool
+    hot_k: float | None
+    fill: float
+
+
+def _dark_current(D: np.ndarray, B: np.ndarray | None, spec: _Spec) -> np.ndarray:
+    D = D.astype(np.float64)
+    return D - B if spec.dc_minus_b else D
+
+
+def _dc_block(D, MD, B, MB, *, spec: _Spec) -> np.ndarray:
+    """Dark current, NaN where unusable (for its median/MAD)."""
+    B = B.astype(np.float64) if B is not None else None
+    dc = _dark_current(D, B, spec)
+    bad = MD | ~np.isfinite(dc)
+    if spec.dc_minus_b:
+        bad |= MB
+    return np.where(bad, np.nan, dc)
+
+
+def _absdev(dc: np.ndarray, med: Any) -> np.ndarray:
+    return np.abs(dc - float(med))
+
+
+def _flat_fc(F, B, D, spec: _Spec) -> np.ndarray:
+    Fc = F.astype(np.float64)
+    if spec.flat_b:
+        Fc = Fc - B
+    if spec.sf:
+        Fc = Fc - spec.sf * _dark_current(D, B, spec)
+    return Fc
+
+
+def _flat_bad(Fc, MF, MB, MD, spec: _Spec) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        bad = MF | ~np.isfinite(Fc) | ~(Fc > 0)
+    if spec.flat_b:
+        bad |= MB
+    if spec.sf:
+        bad |= MD
+    return bad
+
+
+def _flat_block(F, MF, B, MB, D, MD, *, spec: _Spec) -> np.ndarray:
+    """Corrected flat, NaN where unusable (for its normalisation)."""
+    B = B.astype(np.float64) if B is not None else None
+    Fc = _flat_fc(F, B, D, spec)
+    return np.where(_flat_bad(Fc, MF, MB, MD, spec), np.nan, Fc)
+
+
+def _calib_block(*args: Any, present: tuple[bool, ...], spec: _Spec) -> np.ndarray:
+    """One tile: ``[image, variance, mask]`` stacked as float32 (formulas in the module docstring)."""
+    it = iter(args)
+    R, VR, MR, B, VB, MB, D, VD, MD, F, VF, MF = (next(it) if p else None for p in present)
+    norm, med, mad = (float(v) for v in it)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        Bf = B.astype(np.float64) if B is not None else None
+        num = R.astype(np.float64)
+        mask = MR.copy()
+        if spec.has_b:
+            num -= Bf
+            mask |= MB
+        if spec.has_d:
+            dc = _dark_current(D, Bf, spec)
+            num -= spec.s * dc
+            mask |= MD
+            if spec.hot_k is not None and mad > 0:
+                mask |= (dc - med) > spec.hot_k * 1.4826 * mad
+        vnum = VR.astype(np.float64)
+        if spec.var_b:
+            vnum = vnum + spec.b**2 * VB
+        if spec.var_d:
+            vnum = vnum + spec.s**2 * VD
+        if spec.has_f:
+            Fc = _flat_fc(F, Bf, D, spec)
+            fbad = _flat_bad(Fc, MF, MB, MD, spec)
+            Fc[fbad] = np.nan
+            Fn = Fc / norm
+            out = num / Fn
+            vout = vnum / Fn**2
+            if spec.var_b or spec.var_d or spec.var_f:
+                vfc = np.zeros_like(Fc)
+                if spec.var_f:
+                    vfc = vfc + VF
+                if spec.var_b:
+                    vfc = vfc + spec.bf**2 * VB
+                if spec.var_d:
+                    vfc = vfc + spec.sf**2 * VD
+                c = (spec.b * spec.bf * VB if spec.var_b else 0.0) + (spec.s * spec.sf * VD if spec.var_d else 0.0)
+                vout = vout + out**2 * vfc / Fc**2 - 2.0 * out * c / (Fn * Fc)
+            mask |= fbad
+        else:
+            out, vout = num, vnum
+        mask |= ~np.isfinite(out)
+        res = np.empty((3,) + out.shape, dtype=np.float32)
+        res[0] = np.where(np.isfinite(out), out, spec.fill)
+        res[1] = np.where(np.isfinite(vout), vout, spec.fill)
+        res[2] = mask
+    return res
 
 
 # ------------------------------------------------------------------ public
@@ -190,7 +307,7 @@ def calibrate(
     flat: Any = None,
     *,
     dark_scale: float | None = None,
-    flat_norm: str = "median",
+    flat_norm: str | float = "median",
     dark_has_bias: bool = True,
     flat_has_bias: bool = True,
     saturation: float | None = None,
@@ -199,7 +316,8 @@ def calibrate(
     fill_value: float = np.nan,
     chunks: Any = None,
     storage_options: dict[str, Any] | None = None,
-) -> xr.Dataset:
+    return_norm: bool = False,
+) -> xr.Dataset | tuple[xr.Dataset, da.Array | float | None]:
     """Calibrate a raw frame: bias and dark subtraction, division by the normalised flat.
 
     Lazy and elementwise (per tile, no overlap needed); the flat's
@@ -218,10 +336,13 @@ def calibrate(
         ``t = DARKTIME``, else ``EXPTIME`` (``EXPOSURE``, ``ITIME``) from the
         headers; 1 with a :class:`~tilepipe.exceptions.FallbackWarning` when
         either is unknown.
-    flat_norm : {"median", "max"}
+    flat_norm : {"median", "max"} or float
         Normalise the flat by the median (default) or the maximum of its good
         pixels (finite, > 0, unmasked in the flat and in the frames subtracted
-        from it).
+        from it), or by this number (ADU of the corrected flat).  The
+        statistic is a lazy global scalar; a writer that computes a big image
+        band by band recomputes it per band, so for big images compute it once
+        (``return_norm=True``) and pass the number.
     dark_has_bias : bool
         The dark still contains the bias (a raw or averaged dark, as the
         frames of most small observatories): with a bias, the dark current is
@@ -260,6 +381,9 @@ def calibrate(
         frames are rechunked to match it).
     storage_options : dict, optional
         fsspec options for URLs (S3 endpoint, credentials...), for every frame.
+    return_norm : bool
+        Also return the flat normalisation (a lazy 0-d dask array, a float
+        when given, None without a flat): ``ds, norm = calibrate(...)``.
 
     Returns
     -------
@@ -278,7 +402,10 @@ def calibrate(
         Shapes differ, an impossible combination of options, or (at compute
         time) a flat without any good pixel.
     """
-    check_choice("flat_norm", flat_norm, ("median", "max"))
+    if isinstance(flat_norm, str):
+        check_choice("flat_norm", flat_norm, ("median", "max"))
+    else:
+        flat_norm = check_positive("flat_norm", flat_norm)
     if hot_pixel_sigma is not None:
         hot_pixel_sigma = check_positive("hot_pixel_sigma", hot_pixel_sigma)
     if dark_scale is not None:
@@ -311,9 +438,7 @@ def calibrate(
 
     def arr(ds: xr.Dataset, var: str) -> da.Array:
         a = ds[var].data
-        if a.chunks != rchunks:
-            a = a.rechunk(rchunks)
-        return a.astype(np.float64) if var != "mask" else a
+        return a.rechunk(rchunks) if a.chunks != rchunks else a
 
     # ----------------------------------------------------------- coefficients
     t_raw = exposure_time(rds)
@@ -366,34 +491,43 @@ def calibrate(
             bf = (1.0 - sf) if (fd and dark_has_bias) else 1.0
 
     # ------------------------------------------------------------ the graph
-    R = arr(rds, "image")
-    VR = arr(rds, "variance")
-    mask = rds["mask"].data
-    num = R
-    zero = 0.0
-    VB = VD = zero
-    DC = None  # dark current frame: dark - bias for a dark that contains the bias
-    if fb:
-        B = arr(fb[0], "image")
-        mask = mask | arr(fb[0], "mask")
-        VB = arr(fb[0], "variance") if fb[1] else zero
-        num = num - B
-    if fd:
-        D = arr(fd[0], "image")
-        mask = mask | arr(fd[0], "mask")
-        VD = arr(fd[0], "variance") if fd[1] else zero
-        DC = D - B if (fb and dark_has_bias) else D
-        num = num - s * DC
-        if hot_pixel_sigma is not None:
-            dgood = ~arr(fd[0], "mask") & da.isfinite(DC)
-            if fb and dark_has_bias:
-                dgood = dgood & ~arr(fb[0], "mask")
-            med = _lazy_median(DC, dgood)
-            mad = _lazy_median(abs(DC - med), dgood)
-            sig = 1.4826 * mad
-            hot = (sig > 0) & ((DC - med) > hot_pixel_sigma * sig)
-            mask = mask | hot
-    Vnum = VR + (b * b) * VB + (s * s) * VD
+    # One task per tile computes image, variance and mask together (_calib_block);
+    # the global scalars (flat norm, dark median/MAD) enter as 0-d dask arrays.
+    spec = _Spec(
+        has_b=fb is not None, has_d=fd is not None, has_f=ff is not None, dc_minus_b=bool(fb and fd and dark_has_bias),
+        s=s, b=b, flat_b=bool(bf), sf=sf, bf=bf, var_b=bool(fb and fb[1]), var_d=bool(fd and fd[1]),
+        var_f=bool(ff and ff[1]), hot_k=hot_pixel_sigma if fd else None, fill=float(fill_value),
+    )
+    blocks: list[Any] = [arr(rds, "image"), arr(rds, "variance"), rds["mask"].data]
+    for f in (fb, fd, ff):
+        if f is None:
+            blocks += [None, None, None]
+        else:
+            blocks += [arr(f[0], "image"), arr(f[0], "variance") if f[1] else None, arr(f[0], "mask")]
+    raw_b, dark_b, flat_b = blocks[3:6], blocks[6:9], blocks[9:12]
+    med = mad = None
+    if spec.hot_k is not None:
+        dc = da.map_blocks(_dc_block, dark_b[0], dark_b[2], raw_b[0], raw_b[2], spec=spec, dtype=np.float64,
+                           meta=np.empty((0, 0), np.float64))
+        med = _lazy_median(dc, what="dark")
+        mad = _lazy_median(da.map_blocks(_absdev, dc, med, dtype=np.float64, meta=np.empty((0, 0), np.float64)),
+                           what="dark")
+    norm: Any = None
+    if ff:
+        if isinstance(flat_norm, str):
+            fc = da.map_blocks(_flat_block, flat_b[0], flat_b[2], raw_b[0], raw_b[2], dark_b[0], dark_b[2],
+                               spec=spec, dtype=np.float64, meta=np.empty((0, 0), np.float64))
+            norm = flat_normalization(fc, method=flat_norm)
+        else:
+            norm = float(flat_norm)
+    args = [b_ for b_ in blocks]
+    stacked = da.map_blocks(
+        _calib_block, *[a for a in args if a is not None], norm if norm is not None else 1.0,
+        med if med is not None else 0.0, mad if mad is not None else 0.0,
+        present=tuple(a is not None for a in args), spec=spec,
+        new_axis=0, chunks=((3,),) + rchunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
+    )
+    image, variance, mask = stacked[0], stacked[1], stacked[2] != 0
     params: dict[str, Any] = {
         "bias": _describe(bias) if bias is not None else None,
         "dark": _describe(dark) if dark is not None else None,
@@ -406,41 +540,10 @@ def calibrate(
         "saturation": float(saturation) if saturation is not None else None,
         "hot_pixel_sigma": hot_pixel_sigma if fd else None,
         "calib_variance": bool(calib_variance),
+        "coefficients": {"bias": b, "dark": s if fd else 0.0},
     }
     if ff:
-        F = arr(ff[0], "image")
-        Fc = F
-        if bf:
-            Fc = Fc - B
-        if sf:
-            Fc = Fc - sf * DC
-        VF = arr(ff[0], "variance") if ff[1] else zero
-        VFc = VF + (bf * bf) * VB + (sf * sf) * VD
-        C = (b * bf) * VB + (s * sf) * VD
-        fbad = arr(ff[0], "mask") | ~da.isfinite(Fc) | (Fc <= 0)
-        if bf and fb:
-            fbad = fbad | arr(fb[0], "mask")
-        if sf and fd:
-            fbad = fbad | arr(fd[0], "mask")
-        norm = flat_normalization(Fc, ~fbad, flat_norm)
-        Fcs = da.where(fbad, np.nan, Fc)  # NaN where unusable: no 0-divisions, result masked
-        Fn = Fcs / norm
-        out = num / Fn
-        Vout = Vnum / Fn**2
-        if ff[1]:
-            Vout = Vout + out**2 * VFc / Fcs**2 - 2.0 * out * C / (Fn * Fcs)
-        mask = mask | fbad
         params["flat_coefficients"] = {"bias": bf, "dark": sf}
-    else:
-        out = num
-        Vout = Vnum
-    if not isinstance(Vout, da.Array):  # pragma: no cover - raw variance is always an array
-        Vout = da.full(shape, Vout, chunks=rchunks)
-    mask = mask | ~da.isfinite(out)
-    fill = np.float32(fill_value)
-    image = da.where(da.isfinite(out), out, fill).astype(np.float32)
-    variance = da.where(da.isfinite(Vout), Vout, fill).astype(np.float32)
-    params["coefficients"] = {"bias": b, "dark": s if fd else 0.0}
 
     # --------------------------------------------------------------- header
     cards = [list(c) for c in rds.attrs.get("header", []) if c[0] not in _SAT_KEYS]
@@ -459,9 +562,13 @@ def calibrate(
             cards.append(["HISTORY", f"dark-current outliers > {hot_pixel_sigma:g} sigma (MAD) masked", ""])
     if ff:
         cards.append(["CALFLAT", params["flat"][:68], "flat frame divided"])
-        cards.append(["FLATNORM", flat_norm, "flat normalised to this statistic of good px"])
+        if isinstance(flat_norm, str):
+            cards.append(["FLATNORM", flat_norm, "flat normalised to this statistic of good px"])
+        else:
+            cards.append(["FLATNORM", float(flat_norm), "[ADU] flat normalised by this value"])
         cards.append(["HISTORY", f"flat {params['flat']} (bias x{bf:.6g}, dark x{sf:.6g} removed) "
-                                 f"normalised to its {flat_norm}, divided", ""])
+                                 f"normalised to {flat_norm if isinstance(flat_norm, str) else repr(flat_norm)}, "
+                                 "divided", ""])
     attrs = rds.attrs
     result = make_dataset(image, mask=mask, variance=variance, header=cards, gain=attrs.get("gain"),
                           saturation=None, fwhm=attrs.get("fwhm"), bunit=attrs.get("bunit"))
@@ -471,4 +578,6 @@ def calibrate(
     merged["calibrate"] = params
     result.attrs["parameters"] = merged
     log.debug("calibrate: %s", params)
+    if return_norm:
+        return result, (norm if ff else None)
     return result

@@ -573,21 +573,30 @@ def calibrate_cmd(ctx: Context, raw: str, output: str, bias: str | None, dark: s
         fail("give at least one of --bias, --dark, --flat")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        kw = dict(dark_scale=dark_scale, dark_has_bias=dark_has_bias, flat_has_bias=flat_has_bias,
+                  saturation=saturation, hot_pixel_sigma=hot_pixel_sigma, calib_variance=calib_variance,
+                  storage_options=opts)
         try:
-            out = calibrate(raw, bias, dark, flat, dark_scale=dark_scale, flat_norm=flat_norm,
-                            dark_has_bias=dark_has_bias, flat_has_bias=flat_has_bias, saturation=saturation,
-                            hot_pixel_sigma=hot_pixel_sigma, calib_variance=calib_variance, storage_options=opts)
+            out, norm = calibrate(raw, bias, dark, flat, flat_norm=flat_norm, return_norm=True, **kw)
         except (OSError, ValueError, TypeError) as exc:
             fail(str(exc))
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     with ctx.client():
         try:
+            if norm is not None:
+                # one pass over the flat, then the number: a band-by-band writer must not redo it per band
+                value = float(ctx.compute(norm)[0])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # already reported above
+                    out = calibrate(raw, bias, dark, flat, flat_norm=value, **kw)
+                out.attrs["parameters"]["calibrate"]["flat_norm"] = f"{flat_norm} = {value:.8g}"
+                click.echo(f"flat {flat_norm}: {value:.8g} ADU", err=True)
             if _is_fits_name(output):
                 write_fits(out, output, overwrite=overwrite, storage_options=opts)
             else:
                 write_zarr(out, output, overwrite=overwrite, storage_options=opts)
-        except (OSError, ValueError, FileExistsError) as exc:
+        except (OSError, ValueError, TypeError, FileExistsError) as exc:
             fail(str(exc))
     p = out.attrs["parameters"]["calibrate"]
     done = [f"bias {p['bias']}" if p["bias"] else "", f"dark {p['dark']} x {p['dark_scale']:.4g}" if p["dark"] else "",
@@ -620,7 +629,7 @@ def subtract_cmd(ctx: Context, new: str, ref: str, output: str, method: str, fit
                  ref_gain: float | None, scale: float | None, align: bool, psf_method: str, overwrite: bool,
                  no_cluster: bool, storage_option) -> None:
     """Subtract REF from NEW (aligned images) with ZOGY or SFFT, tile-parallel; optionally find transients."""
-    from .io import write_fits, write_table, write_zarr
+    from .io import read_zarr, write_fits, write_table, write_zarr
     from .subtract import find_transients, subtract
 
     opts = _storage_options(storage_option)
@@ -634,6 +643,8 @@ def subtract_cmd(ctx: Context, new: str, ref: str, output: str, method: str, fit
         try:
             res = subtract(new_ds, ref_ds, method=method, **kw)
             write_zarr(res, output, overwrite=overwrite, storage_options=opts)
+            # later products read the written store: the subtraction is computed once, out of core
+            res = read_zarr(output, storage_options=opts)
             if fits_out:
                 planes = res.rename({"diff": "image"})
                 write_fits(planes, fits_out, overwrite=overwrite, storage_options=opts,

@@ -553,12 +553,13 @@ def _validate_common(shape, seed, fwhm_values, psf_variation, ellipticity, sky, 
         check_positive("saturation", saturation)
     check_int("bad_columns", bad_columns, lower=0)
     check_int("cosmic_rays", cosmic_rays, lower=0)
-    check_positive("edge", edge, allow_zero=True)
+    if edge is not None:
+        check_positive("edge", edge, allow_zero=True)
     check_choice("psf_model", psf_model, ("gaussian", "moffat"))
     check_positive("beta", beta)
     if psf_model == "moffat" and beta <= 1:
         raise ValueError(f"beta must be > 1 for a Moffat PSF (finite flux); got {beta}")
-    if 2 * edge >= min(shape) - 1:
+    if edge is not None and 2 * edge >= min(shape) - 1:
         raise ValueError(f"edge={edge} leaves no room for stars in an image of shape {shape}; use a smaller edge")
     return shape, seed, flux_range
 
@@ -649,6 +650,9 @@ def make_field(
         listed in ``image.attrs["truth_cosmic_rays"]`` as ``[x, y, adu]``.
     edge : float
         Minimum distance (pixels) of a star centre from the image border.
+        A star closer than the stamp radius R (``true_psf(ds).radius``) to the
+        border loses the part of its stamp outside the image (``flux`` stays
+        the total flux); ``edge=None`` uses R, so every star is wholly inside.
     psf_model : {"gaussian", "moffat"}
         Radial profile of the PSF (see :class:`TruePSF`).
     beta : float
@@ -680,6 +684,8 @@ def make_field(
     params = _psf_params(shape, r_psf, fwhm=fwhm, psf_variation=psf_variation, ellipticity=ellipticity,
                          model=psf_model, beta=beta, radius=psf_radius, subsample=None)
     psf = TruePSF(params)
+    if edge is None:
+        edge = min(float(psf.radius), 0.25 * (min(shape) - 1))
     x = r_star.uniform(edge, nx - 1 - edge, n)
     y = r_star.uniform(edge, ny - 1 - edge, n)
     flux = _power_law(r_star, n, *flux_range, flux_slope)
@@ -820,6 +826,14 @@ def make_pair(
     (r_star, r_psf_n, r_psf_r, r_sky_n, r_sky_r, r_noise_n, r_noise_r, r_bad_n, r_bad_r, r_cr_n, r_cr_r,
      r_tr) = (np.random.default_rng(s) for s in ss.spawn(12))
 
+    kw = dict(psf_variation=psf_variation, ellipticity=ellipticity, model=psf_model, beta=beta,
+              radius=psf_radius, subsample=None)
+    p_new = _psf_params(shape, r_psf_n, fwhm=fwhm_new, **kw)
+    p_ref = _psf_params(shape, r_psf_r, fwhm=fwhm_ref, **kw)
+    psf_new, psf_ref = TruePSF(p_new), TruePSF(p_ref)
+    if edge is None:
+        edge = min(float(max(psf_new.radius, psf_ref.radius)), 0.25 * (min(shape) - 1) - max(abs(dx), abs(dy)))
+        edge = max(edge, 0.0)
     margin_x = edge + abs(dx)
     margin_y = edge + abs(dy)
     if 2 * max(margin_x, margin_y) >= min(shape) - 1:
@@ -831,11 +845,6 @@ def make_pair(
     flux_new = flux_scale * flux_ref
     xn, yn = x + dx, y + dy
 
-    kw = dict(psf_variation=psf_variation, ellipticity=ellipticity, model=psf_model, beta=beta,
-              radius=psf_radius, subsample=None)
-    p_new = _psf_params(shape, r_psf_n, fwhm=fwhm_new, **kw)
-    p_ref = _psf_params(shape, r_psf_r, fwhm=fwhm_ref, **kw)
-    psf_new, psf_ref = TruePSF(p_new), TruePSF(p_ref)
     sky_n = _sky_model(shape, r_sky_n, sky, sky_gradient)
     sky_r = _sky_model(shape, r_sky_r, sky_ref, sky_gradient)
 

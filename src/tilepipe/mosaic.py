@@ -372,7 +372,7 @@ def mosaic(
     if min(shape_out) < 1:
         raise ValueError(f"shape_out must be positive; got {shape_out}")
     # ---- noise, flux scales, PSFs
-    sig = np.array(dask.compute(*[dask.delayed(_noise)(d) for d in dss]), dtype=np.float64)
+    sig = np.array([_noise(d) for d in dss], dtype=np.float64)
     for i, s in enumerate(sig):
         if not np.isfinite(s) or s <= 0:
             raise ValueError(f"input #{i} ({names[i]}) has no measurable background noise (rms = {s}); is it empty?")

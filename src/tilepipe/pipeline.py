@@ -56,7 +56,8 @@ import posixpath
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -307,10 +308,10 @@ class ExposureResult:
     field: str = ""
     status: str = "pending"  # done | skipped | failed
     seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = dc_field(default_factory=dict)
+    counts: dict[str, int] = dc_field(default_factory=dict)
     error: str = ""
-    outputs: list[str] = field(default_factory=list)
+    outputs: list[str] = dc_field(default_factory=list)
 
 
 def _versions() -> dict[str, str]:

@@ -409,7 +409,9 @@ def _clean_header(header: fits.Header, url: str) -> fits.Header:
                 caught.append(None)
         if caught or getattr(card, "_invalid", False):
             bad += 1
-            out.append(("COMMENT", card.image.rstrip()), bottom=True)
+            text = card.image.rstrip()
+            for i in range(0, len(text), 72):  # 72 characters fit one COMMENT card: stable round trips
+                out.append(("COMMENT", text[i:i + 72]), bottom=True)
         else:
             out.append(card, bottom=True)
     if bad:
@@ -542,12 +544,8 @@ def _header_for(kind: str, fdt: np.dtype, shape: tuple[int, int], cards: fits.He
     for card in cards.cards:
         if card.keyword in _STRUCTURAL or card.keyword.startswith("NAXIS") or (extname and card.keyword == "EXTNAME"):
             continue
-        if card.keyword in ("HISTORY", "COMMENT", ""):
-            hdr.append(card, useblanks=False, bottom=True)
-        elif card.keyword not in hdr:
-            hdr.append(card, useblanks=False, bottom=True)
-        else:
-            hdr[card.keyword] = (card.value, card.comment)
+        # appended in order (duplicated keywords of real headers included)
+        hdr.append(card, useblanks=False, bottom=True)
     return hdr.tostring().encode("ascii")
 
 

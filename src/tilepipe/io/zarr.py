@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from typing import Any
 
@@ -250,8 +251,17 @@ def write_zarr(
         try:
             _write_store(ds, target, None, chunks, comp, consolidated)
             _fs.commit_local(target, lp, overwrite)
-        finally:
-            _fs.remove_local(target)
+        except BaseException:
+            # tasks still running on other threads may write a few more chunks after a failure:
+            # keep removing the hidden temporary until it stays gone
+            gone = 0
+            for _ in range(100):  # at most ~5 s; done once it stayed absent for 0.25 s
+                _fs.remove_local(target)
+                time.sleep(0.05)
+                gone = gone + 1 if not os.path.lexists(target) else 0
+                if gone >= 5:
+                    break
+            raise
         return url
     _fs.check_bucket(fs, path, url)
     if fs.exists(path):

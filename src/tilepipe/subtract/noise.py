@@ -442,7 +442,7 @@ def measure_pair_stars(
         return empty
     iso = max(int(np.ceil(r_aper)), 3)
     peaks = (sm == ndimage.maximum_filter(sm, size=2 * iso + 1)) & (sm > nsigma * noise)
-    # isolation: no other peak above 3 sigma and 2% of this one within 2 r_aper
+    # isolation: no other peak above 3 sigma and 5% of this one within 1.5 r_aper
     low = (sm == ndimage.maximum_filter(sm, size=5)) & (sm > 3 * noise)
     ys, xs = np.nonzero(peaks)
     inside = (ys >= half) & (xs >= half) & (ys < h - half) & (xs < w - half)
@@ -456,9 +456,9 @@ def measure_pair_stars(
 
         tree = cKDTree(np.c_[ly, lx])
         ok = np.ones(ys.size, bool)
-        for i, nb in enumerate(tree.query_ball_point(np.c_[ys, xs], 2 * r_aper)):
+        for i, nb in enumerate(tree.query_ball_point(np.c_[ys, xs], 1.5 * r_aper)):
             vals = [sm[ly[j], lx[j]] for j in nb if (ly[j], lx[j]) != (ys[i], xs[i])]
-            ok[i] = not vals or max(vals) <= 0.02 * sm[ys[i], xs[i]]
+            ok[i] = not vals or max(vals) <= 0.05 * sm[ys[i], xs[i]]
         ys, xs = ys[ok], xs[ok]
     order = np.argsort(sm[ys, xs])[::-1][: 2 * max_stars]
     ys, xs = ys[order], xs[order]

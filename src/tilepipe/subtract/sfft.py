@@ -47,8 +47,8 @@ Excluded pixels, exactly
 ------------------------
 Pixel weights break the shift invariance that makes the entries
 correlations, so exclusion (masked, saturated, non-finite, sigma-clipped,
-outside the ``objects`` windows, within ``w`` of the image edge or of a bad
-pixel of ``S``) is done by **imputation**: the design matrix keeps every row
+outside the ``objects`` windows, within ``w`` of a bad pixel of ``S``) is
+done by **imputation**: the design matrix keeps every row
 (it is computed once), and an excluded row's target is replaced by the current
 model's prediction there (an EM iteration for missing data).  At the fixed
 point the excluded rows contribute no gradient, i.e. the solution is exactly
@@ -57,7 +57,10 @@ sigma-clipping iterations (``max_iter``) followed by at most ``em_iter``
 more until the coefficients change by less than ``tol``.  Clipping uses
 ``|T - model| / sigma > sigma_clip`` with ``sigma`` the propagated noise of the
 difference (not the raw residual).  Bad pixels of ``S`` are set to 0 (the sky,
-after sky subtraction) so that they do not dominate the excluded rows.
+after sky subtraction) so that they do not dominate the excluded rows.  Both
+images are zero-padded (the sky) beyond the image edge and the rows near the
+edge are fitted with that assumption: excluding them makes the EM converge
+slowly, because the spatial terms are largest there.
 
 Tiles into one solve
 --------------------
@@ -266,7 +269,7 @@ def _object_windows(g: _Grid, cfg: _Config, radius: float) -> np.ndarray:
 
 
 def _excluded_rows(g: _Grid, cfg: _Config, tb: np.ndarray, sb: np.ndarray) -> np.ndarray:
-    """Rows excluded before any clipping: outside the image, edge ring, bad T, near bad S, off-window."""
+    """Rows excluded before any clipping: bad T, within w of bad S, outside the object windows."""
     w = cfg.w
     near_sbad = ndimage.maximum_filter(sb.view(np.uint8), size=2 * w + 1, mode="constant", cval=0).astype(bool)
     excl = (tb | near_sbad) & g.inimg
@@ -789,9 +792,10 @@ def sfft_subtract(
     max_iter : int
         Sigma-clipping iterations after the first fit.
     em_iter, tol : int, float
-        At most ``em_iter`` further iterations with a fixed clip set, until the
-        coefficients change by less than ``tol`` (relative); they make the
-        imputation of excluded pixels converge to the exact masked fit.
+        At most ``em_iter`` further iterations after ``max_iter``; the loop
+        stops once the number of clipped pixels is stable and the coefficients
+        change by less than ``tol`` (relative).  Each iteration also moves the
+        imputation of excluded pixels towards the exact masked fit.
     objects : Table or (n, 2) array, optional
         Restrict the fit to windows of radius ``object_radius`` around these
         ``(x, y)`` positions (global 0-based pixels).

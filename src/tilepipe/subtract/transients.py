@@ -112,6 +112,13 @@ def _peak_value(img: np.ndarray, y: int, x: int) -> float:
     v = float(img[y, x])
     if not np.isfinite(v):
         return v
+    # the detection peak can sit one pixel off the flux peak (noise, variance map): move to the
+    # extremum of ``img`` (same sign) within the 3x3 neighbourhood first
+    win = img[max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+    if np.isfinite(win).all():
+        k = np.argmax(win) if v >= 0 else np.argmin(win)
+        y, x = max(0, y - 1) + k // win.shape[1], max(0, x - 1) + k % win.shape[1]
+        v = float(img[y, x])
     corr = 0.0
     for a, c in (((img[y - 1, x], img[y + 1, x]) if 0 < y < h - 1 else (np.nan, np.nan)),
                  ((img[y, x - 1], img[y, x + 1]) if 0 < x < w - 1 else (np.nan, np.nan))):
@@ -285,11 +292,17 @@ def plot_candidates(res: xr.Dataset, cands: Table, path: str, *, max_plot: int =
     nrow = max(1, len(order))
     fig, axes = plt.subplots(nrow, len(panels), figsize=(2.2 * len(panels), 2.2 * nrow), squeeze=False)
     h, w = res["diff"].shape
-    for r_i, k in enumerate(order):
+    import dask
+
+    windows = []
+    for k in order:
         xc, yc = int(round(float(cands["x"][k]))), int(round(float(cands["y"][k])))
         ys, xs = slice(max(0, yc - half), min(h, yc + half + 1)), slice(max(0, xc - half), min(w, xc + half + 1))
-        for c_i, (name, arr) in enumerate(panels):
-            cut = np.asarray(arr[ys, xs], dtype=float)
+        windows.append([arr[ys, xs] for _, arr in panels])
+    windows = dask.compute(windows)[0] if windows else []  # one pass over the graph for all cutouts
+    for r_i, k in enumerate(order):
+        for c_i, (name, _) in enumerate(panels):
+            cut = np.asarray(windows[r_i][c_i], dtype=float)
             ax = axes[r_i, c_i]
             finite = cut[np.isfinite(cut)]
             lo, hi = (np.percentile(finite, [1, 99.5]) if finite.size else (0, 1))

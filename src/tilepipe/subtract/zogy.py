@@ -771,10 +771,23 @@ def zogy_subtract(
     gain_n = _resolve_gain(new, new_gain, "new")
     gain_r = _resolve_gain(ref, ref_gain, "ref")
 
-    # ---------------------------------------------------------- background
     img_n = new["image"].data
     img_r = ref["image"].data.rechunk(img_n.chunks)
     bad = (new["mask"].data | ref["mask"].data.rechunk(img_n.chunks) | ~da.isfinite(img_n) | ~da.isfinite(img_r))
+    nx = check_int("nx", nx, lower=1)
+    ny = nx if ny is None else check_int("ny", ny, lower=1)
+    pre_grid = TileGrid(shape, nx=nx, ny=ny)
+    fracs = _tile_stats(bad, pre_grid, _good_fraction)
+    if max(fracs) == 0:
+        raise ValueError("no pixel is valid in both images (the combined mask covers everything); check the masks and overlap of the images")
+    dead = [i for i, f in enumerate(fracs) if f == 0]
+    if dead:
+        raise ValueError(
+            f"tile(s) {dead} of the {ny}x{nx} grid are entirely masked in new or ref: nothing to subtract there. "
+            "Use a coarser grid (smaller nx/ny) or crop the images to the common valid area"
+        )
+
+    # ---------------------------------------------------------- background
     bkg_n, rms_n, bmeth = nz.background_model(new, mesh=mesh)
     bkg_r, rms_r, _ = nz.background_model(ref, mesh=mesh)
     if subtract_background:
@@ -787,13 +800,22 @@ def zogy_subtract(
     R = R.rechunk(img_n.chunks)
     # ------------------------------------------------------------ variance
     if gain_n is None or gain_r is None:
+        est = {}
+        for key, g, b_, r_ in (("new", gain_n, bkg_n, rms_n), ("ref", gain_r, bkg_r, rms_r)):
+            if g is None:
+                sky, rms = (float(np.nanmedian(np.asarray(v))) for v in dask.compute(b_[::32, ::32], r_[::32, ::32]))
+                est[key] = sky / rms**2 if sky > 3 * rms and rms > 0 else None
         warnings.warn(
-            "no gain known for " + " and ".join(k for k, g in (("new", gain_n), ("ref", gain_r)) if g is None)
-            + ": the variance map holds background noise only (no source Poisson noise), so S_corr is "
-            "overestimated on bright stars; pass new_gain=/ref_gain= (e-/ADU)",
+            "no gain known for " + " and ".join(est) + ": "
+            + ", ".join(f"{k}: effective gain {v:.3g} e-/ADU from sky / rms^2 (assumes a photon-noise-limited, "
+                        "bias-free sky)" if v else f"{k}: no source Poisson noise in the variance (sky too low to "
+                        "estimate a gain), S_corr is overestimated on bright stars" for k, v in est.items())
+            + "; pass new_gain=/ref_gain= (e-/ADU)",
             FallbackWarning,
             stacklevel=3,
         )
+        gain_n = est.get("new", gain_n) if gain_n is None else gain_n
+        gain_r = est.get("ref", gain_r) if gain_r is None else gain_r
     VN = _user_var(new_var, new, shape, img_n.chunks, "new_var")
     if VN is None:
         VN = nz.variance_map(N, rms_n, gain_n)
@@ -823,8 +845,6 @@ def zogy_subtract(
     if f_ref is not None:
         half = max(half, f_ref(w / 2, h / 2).shape[0] // 2)
     support = 3 * half
-    nx = check_int("nx", nx, lower=1)
-    ny = nx if ny is None else check_int("ny", ny, lower=1)
     if overlap is None:
         ov = (support if ny > 1 else 0, support if nx > 1 else 0)
     else:
@@ -841,23 +861,13 @@ def zogy_subtract(
     if min(grid.min_core) < 2 * half + 1:
         raise ValueError(f"tiles of {grid.min_core} px are smaller than the PSF stamp ({2 * half + 1} px); use fewer tiles")
 
-    fracs = _tile_stats(bad, grid, _good_fraction)
-    if max(fracs) == 0:
-        raise ValueError("no pixel is valid in both images (the combined mask covers everything); check the masks and overlap of the images")
-    dead = [i for i, f in enumerate(fracs) if f == 0]
-    if dead:
-        raise ValueError(
-            f"tile(s) {dead} of the {ny}x{nx} grid are entirely masked in new or ref: nothing to subtract there. "
-            "Use a coarser grid (smaller nx/ny) or crop the images to the common valid area"
-        )
-
     # ------------------------------------------- map: stars of every tile
     sat_n = new.attrs.get("saturation")
     sat_r = ref.attrs.get("saturation")
     star_grid = TileGrid(shape, nx=nx, ny=ny, overlap=tuple(max(o, half + 2) if n > 1 else 0 for o, n in zip(ov, (ny, nx))))
     stars = nz.star_table(
         N, R, VN, VR, bad, star_grid, fwhm_new=fwhm_n, fwhm_ref=fwhm_r, half=half,
-        r_aper=float(np.clip(2.5 * max(fwhm_n, fwhm_r), 4.0, half - 1)),
+        r_aper=float(np.clip(2.0 * max(fwhm_n, fwhm_r), 4.0, half - 1)),
         saturation_new=None if sat_n is None else float(sat_n) - _median_finite(np.asarray(bkg_n[::64, ::64])),
         saturation_ref=None if sat_r is None else float(sat_r) - _median_finite(np.asarray(bkg_r[::64, ::64])),
     )
@@ -901,7 +911,7 @@ def zogy_subtract(
     # ----------------------------------------- reduce: flux scale and shift
     tix = np.asarray(stars["tile"], dtype=int) if len(stars) else np.zeros(0, int)
     fit: dict[str, Any] = {}
-    r_ap = float(np.clip(2.5 * max(fwhm_n, fwhm_r), 4.0, half - 1))
+    r_ap = float(np.clip(2.0 * max(fwhm_n, fwhm_r), 4.0, half - 1))
     if scale is not None:
         scale_v = check_positive("scale", scale)
         fit["scale_source"] = "given"

@@ -1,0 +1,197 @@
+"""Benchmark: tiled background + detection (tilepipe) vs sep and photutils on the whole image.
+
+Usage::
+
+    /work/benchvenv/bin/python benchmarks/bench_detect.py --sizes 2048 4096 [--workers 1 2]
+
+For each size a seeded synthetic field (``tilepipe.datasets.make_field``) is
+written to a FITS file; every method then runs **once** in its own fresh
+Python process on that same file, so wall time and peak memory are not
+polluted by the other runs:
+
+* ``sep``: ``sep.Background(bw=64, bh=64, fw=3, fh=3)`` + ``sep.extract(data -
+  bkg, 1.5, err=rms, filter_type="conv")`` (SExtractor threshold semantics, the
+  same as tilepipe's default) on the whole image held in memory;
+* ``photutils``: ``Background2D((64, 64), filter_size=(3, 3))`` + 3x3 kernel
+  convolution + ``SourceFinder(n_pixels=5)`` at ``1.5 * background_rms`` +
+  ``SourceCatalog`` centroids;
+* ``tilepipe``: ``detect_sources(open_image(path, chunks=1024), nsigma=1.5,
+  nx=ny=size/1024)`` (mesh background via ``estimate_background`` inside) on a
+  ``LocalCluster`` of 1 or 2 worker processes (1 thread each), the FITS file
+  read lazily by the workers.
+
+Peak memory is the peak resident set size (``VmHWM``) of the process
+doing the work; for tilepipe it is reported for the client process and for the
+largest worker.  Completeness = fraction of true stars with S/N > 10 matched
+within 1.5 px; "spurious" = detections farther than 3 px from any true star.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is reset by exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _quality(x, y, truth_path):
+    from astropy.table import Table
+    from scipy.spatial import cKDTree
+
+    stars = Table.read(truth_path)
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if x.size == 0:
+        return 0.0, 0.0
+    d, _ = cKDTree(np.c_[x, y]).query(np.c_[stars["x"], stars["y"]])
+    bright = np.asarray(stars["snr"]) > 10
+    comp = float(np.mean(d[bright] < 1.5))
+    d2, _ = cKDTree(np.c_[stars["x"], stars["y"]]).query(np.c_[x, y])
+    return comp, float(np.mean(d2 > 3.0))
+
+
+def run_sep(path, truth):
+    import sep
+    from astropy.io import fits
+
+    t0 = time.perf_counter()
+    data = np.ascontiguousarray(fits.getdata(path), dtype=np.float32)
+    bkg = sep.Background(data, bw=64, bh=64, fw=3, fh=3)
+    sub = data - bkg.back()
+    sep.set_extract_pixstack(max(300_000, data.size // 8))
+    sep.set_sub_object_limit(4096)
+    objs = sep.extract(sub, 1.5, err=bkg.rms(), filter_type="conv")
+    wall = time.perf_counter() - t0
+    comp, spur = _quality(objs["x"], objs["y"], truth)
+    return {"wall": wall, "n": int(len(objs)), "completeness": comp, "spurious": spur, "mem": _rss_mb()}
+
+
+def run_photutils(path, truth):
+    from astropy.convolution import convolve
+    from astropy.io import fits
+    from photutils.background import Background2D
+    from photutils.segmentation import SourceCatalog, SourceFinder
+
+    t0 = time.perf_counter()
+    data = fits.getdata(path).astype(np.float32)
+    bkg = Background2D(data, (64, 64), filter_size=(3, 3))
+    sub = data - bkg.background
+    kernel = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=float) / 16.0
+    conv = convolve(sub, kernel)
+    segm = SourceFinder(n_pixels=5, progress_bar=False)(conv, 1.5 * bkg.background_rms)
+    if segm is None:
+        x = y = np.zeros(0)
+    else:
+        cat = SourceCatalog(sub, segm, convolved_data=conv)
+        x, y = cat.x_centroid, cat.y_centroid
+    wall = time.perf_counter() - t0
+    comp, spur = _quality(x, y, truth)
+    return {"wall": wall, "n": int(len(x)), "completeness": comp, "spurious": spur, "mem": _rss_mb()}
+
+
+def run_tilepipe(path, truth, workers, size):
+    from distributed import Client, LocalCluster
+
+    import tilepipe as tp
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+    try:
+        client.run(lambda: None)  # workers up before the clock starts
+        nt = max(1, size // 1024)
+        t0 = time.perf_counter()
+        ds = tp.open_image(path, chunks=1024)
+        cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
+        wall = time.perf_counter() - t0
+        wmem = max(client.run(_rss_mb).values())
+    finally:
+        client.close()
+        cluster.close()
+    comp, spur = _quality(cat["x"], cat["y"], truth)
+    return {"wall": wall, "n": int(len(cat)), "completeness": comp, "spurious": spur, "mem": _rss_mb(),
+            "worker_mem": wmem, "tiles": f"{nt}x{nt}"}
+
+
+def child(args):
+    if args.method == "sep":
+        res = run_sep(args.input, args.truth)
+    elif args.method == "photutils":
+        res = run_photutils(args.input, args.truth)
+    else:
+        res = run_tilepipe(args.input, args.truth, args.workers, args.size)
+    print("RESULT " + json.dumps(res))
+
+
+def spawn(method, path, truth, size, workers=1, timeout=600):
+    cmd = [sys.executable, __file__, "--child", method, "--input", path, "--truth", truth, "--size", str(size),
+           "--workers", str(workers)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{method} failed:\n{p.stderr[-3000:]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--peers", nargs="+", default=["sep", "photutils"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--input", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--truth", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.method = args.child
+        args.workers = args.workers[0]
+        return child(args)
+
+    from astropy.io import fits
+
+    from tilepipe.datasets import make_field
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            f = make_field((size, size), seed=args.seed)
+            path = os.path.join(tmp, f"field{size}.fits")
+            truth = os.path.join(tmp, f"stars{size}.ecsv")
+            fits.writeto(path, np.asarray(f.image["image"].values, dtype=np.float32), overwrite=True)
+            f.stars.write(truth, overwrite=True)
+            del f
+            res = {p: spawn(p, path, truth, size) for p in args.peers}
+            for w in args.workers:
+                res[f"tilepipe-{w}w"] = spawn("tilepipe", path, truth, size, workers=w)
+            ref = res.get("sep")
+            for name, r in res.items():
+                rows.append((size, name, r, ref))
+            os.remove(path)
+    print()
+    print("| size | method | tiles | wall [s] | time / sep | peak mem [MB] (worker) | detections | completeness S/N>10 | spurious |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, name, r, ref in rows:
+        ratio = f"{r['wall'] / ref['wall']:.2f}" if ref else "-"
+        mem = f"{r['mem']:.0f}" + (f" ({r['worker_mem']:.0f})" if "worker_mem" in r else "")
+        print(f"| {size} | {name} | {r.get('tiles', '1x1')} | {r['wall']:.2f} | {ratio} | {mem} | {r['n']} | "
+              f"{r['completeness']:.3f} | {r['spurious']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
