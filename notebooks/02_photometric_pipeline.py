@@ -96,7 +96,7 @@ print(f"median FWHM from second moments: {np.nanmedian(mom['fwhm']):.2f} px")
 
 # %%
 phot = tp.gaussian_psf_photometry(ds, mom, nx=2, ny=2)
-good = (phot["flags"] == 0) & np.isfinite(phot["flux"]) & (phot["flux"] > 0)
+good = (phot["flags"] == 0) & np.isfinite(phot["flux"]) & (phot["flux"] > 0) & np.isfinite(phot["fwhm"])
 catalog = phot[good]
 catalog["mag"] = -2.5 * np.log10(catalog["flux"])
 catalog["snr"] = catalog["flux"] / catalog["flux_err"]

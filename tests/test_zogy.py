@@ -74,6 +74,25 @@ def test_tile_invariance_constant_psf(const_pair):
         assert np.nanmax(np.abs(a - b)) <= 1e-4 * noise[var], var
 
 
+
+def test_feathered_blend_is_exact_with_constant_psf(const_pair):
+    """One computation per tile, blended with partition-of-unity weights: still the whole-image result."""
+    p = const_pair
+    kw = dict(new_psf=true_psf(p.new).at(256, 256), ref_psf=true_psf(p.ref).at(256, 256), scale=1.1,
+              shift=(0.3, -0.2))
+    whole = tp.subtract(p.new, p.ref, nx=1, **kw).compute()
+    blended = tp.subtract(p.new, p.ref, nx=3, ny=2, feather=16, **kw)
+    assert blended.attrs["feather"] == 16
+    support = blended.attrs["grid"]["overlap"][0] - 16
+    assert support >= 21  # the default halo is the kernel support + the feather
+    blended = blended.compute()
+    noise = {"scorr": 1.0, "diff": whole.attrs["diff_noise"], "fpsf": float(np.nanmedian(whole["fpsf_err"].values))}
+    for var in ("scorr", "diff", "fpsf"):
+        a, b = whole[var].values, blended[var].values
+        assert np.array_equal(np.isnan(a), np.isnan(b))
+        assert np.nanmax(np.abs(a - b)) <= 1e-4 * noise[var], var
+
+
 def test_seamless_with_varying_psf(vary_pair, vary_res):
     res, sc, m = vary_res
     assert res.attrs["varying_psf"] is True and res.attrs["feather"] > 0

@@ -78,6 +78,14 @@ def main(ctx: click.Context, scheduler, nx, ny, overlap, verbose, progress) -> N
     """tilepipe: tile-parallel astronomical image processing on Dask."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # distributed logs every worker start/stop at INFO (and connection resets at shutdown):
+    # keep the terminal for our own messages unless -vv.  The environment variable reaches
+    # the LocalCluster's worker processes too.
+    import os
+
+    dist_level = "info" if verbose >= 2 else "error"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", dist_level)
+    logging.getLogger("distributed").setLevel(dist_level.upper())
     ctx.obj = Context(scheduler, nx, ny, overlap, verbose, progress)
 
 

@@ -91,9 +91,9 @@ def run_demo(output: str = "tilepipe-demo", size: int = 1024, seed: int = 1, nx:
     stars = tp.select_stars(new, cat)
     psf = tp.build_psf(new, stars[stars["keep"]] if "keep" in stars.colnames else stars, degree=2)
     psf.to_fits(out("psf.fits", "spatially varying PSF model"))
-    grid = [(f"PSF at ({x:.0f}, {y:.0f})", psf.at(x, y), {"cmap": "viridis"})
-            for y in (0.1 * size, 0.5 * size, 0.9 * size) for x in (0.1 * size, 0.5 * size, 0.9 * size)]
-    plot_images(grid, out("psf_grid.png", "PSF model across the field (3 x 3)"), ncols=3)
+    from tilepipe.psf.plots import plot_psf
+
+    plot_psf(psf, out("psf_grid.png", "PSF model across the field (3 x 3) and its FWHM map"), n=3)
     stamp("PSF model", t0)
 
     t0 = time.perf_counter()

@@ -48,7 +48,6 @@ import csv
 import datetime as _dt
 import glob as _glob
 import html
-import io as _io
 import json
 import logging
 import os
@@ -56,10 +55,11 @@ import posixpath
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,7 @@ class ExposureResult:
     counts: dict[str, int] = dc_field(default_factory=dict)
     error: str = ""
     outputs: list[str] = dc_field(default_factory=list)
+    warnings: list[str] = dc_field(default_factory=list)
 
 
 def _versions() -> dict[str, str]:
@@ -347,8 +348,7 @@ def _reference_for(cfg: Mapping[str, Any], field_name: str) -> str:
     )
 
 
-def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str, res: ExposureResult,
-                      compute: Callable[..., Any]) -> None:
+def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str, res: ExposureResult) -> None:
     """Run the configured steps on one exposure, writing into ``workdir``."""
     import tilepipe as tp
     from .io import write_table, write_zarr
@@ -529,7 +529,8 @@ def _summary_html(summary: Mapping[str, Any]) -> str:
         rows.append(
             f"<tr style='background:{color}'><td>{html.escape(e['name'])}</td><td>{html.escape(e['field'])}</td>"
             f"<td>{e['status']}</td><td>{e['seconds']:.1f}</td><td>{html.escape(counts)}</td>"
-            f"<td>{html.escape(timings)}</td><td><pre>{html.escape(e['error'][-600:])}</pre></td></tr>"
+            f"<td>{html.escape(timings)}</td><td><pre>{html.escape(e['error'][-600:])}</pre></td>"
+            f"<td><pre>{html.escape(chr(10).join(e.get('warnings', []))[-600:])}</pre></td></tr>"
         )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tilepipe night summary</title>"
@@ -539,7 +540,7 @@ def _summary_html(summary: Mapping[str, Any]) -> str:
         f"({summary['seconds']:.1f} s): {summary['n_done']} done, {summary['n_skipped']} skipped, "
         f"{summary['n_failed']} failed; {summary['exposures_per_hour']:.1f} exposures/hour</p>"
         "<table><tr><th>exposure</th><th>field</th><th>status</th><th>s</th><th>counts</th><th>timings</th>"
-        f"<th>error</th></tr>{''.join(rows)}</table></body></html>"
+        f"<th>error</th><th>warnings</th></tr>{''.join(rows)}</table></body></html>"
     )
 
 
@@ -621,13 +622,17 @@ def run_pipeline(
                     if fs.exists(posixpath.join(root, exp["name"])):
                         fs.rm(posixpath.join(root, exp["name"]), recursive=True)  # incomplete or forced
                     fs.makedirs(_fs(workdir, opts)[1], exist_ok=True)
-                    _process_exposure(cfg, exp, workdir, res, compute=None)
+                    # warnings (small overlap, fallbacks...) are recorded in the summary, not raised
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        _process_exposure(cfg, exp, workdir, res)
+                    res.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
                     res.seconds = round(time.perf_counter() - t1, 3)
                     res.status = "done"
                     record = {
                         "name": res.name, "path": res.path, "field": res.field, "status": "done",
                         "seconds": res.seconds, "timings": res.timings, "counts": res.counts,
-                        "outputs": res.outputs, "config": cfg, "versions": _versions(),
+                        "outputs": res.outputs, "warnings": res.warnings, "config": cfg, "versions": _versions(),
                         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                     }
                     _write_json(_join(workdir, COMPLETE), record, opts)

@@ -157,6 +157,9 @@ def _sfft_kwargs(local: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
     defaults = {"nx": 1, "ny": None, "overlap": None, "new_psf": None, "ref_psf": None, "new_var": None,
                 "ref_var": None, "new_gain": None, "ref_gain": None, "scale": None, "fit_scale": True,
                 "fit_shift": True}
+    unsupported = [k for k in defaults if k not in names and local[k] is not defaults[k] and local[k] != defaults[k]]
+    if unsupported:
+        raise TypeError(f"method='sfft' does not take {', '.join(unsupported)}; see tilepipe.subtract.sfft.sfft_subtract")
     out = {k: local[k] for k in defaults if k in names and local[k] is not defaults[k] and local[k] != defaults[k]}
     out.update({k: local[k] for k in ("nx", "ny", "overlap") if k in names})
     out.update(extra)

@@ -61,7 +61,7 @@ from scipy import ndimage
 from .._validate import as_pair, check_choice, check_int, check_positive
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
-from ..tiling import TileGrid
+from ..tiling import TileGrid, _overlapped, map_tiles, merge_tables, tile_tables
 from . import noise as nz
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 __all__ = ["zogy_subtract", "zogy_arrays", "as_psf_function", "EmpiricalPSF"]
 
 OUTPUTS = ("diff", "scorr", "s", "fpsf", "fpsf_err", "mask")
+
+#: threads of each FFT inside a tile task (1: parallelism comes from the tiles)
+_FFT_WORKERS = 1
 
 
 # ===================================================================== PSFs
@@ -289,26 +292,37 @@ def _transfer(pn: np.ndarray, pr: np.ndarray, shape: tuple[int, int], fn: float,
     In float32 |P^|^2 of a smooth PSF underflows at high frequencies: the
     denominator is floored at 1e-30 of its maximum, so the operators stay
     finite and tend to zero there (they are products of bounded ratios).
+    Computed with in-place operations (a handful of passes over the grid).
     """
     rdt = np.float32 if ctype == np.complex64 else np.float64
     Pn = _psf_fft(pn, shape, shift[0], dtype=rdt)
     Pr = _psf_fft(pr, shape, shift[1], dtype=rdt)
-    an = Pn.real**2 + Pn.imag**2
-    ar = Pr.real**2 + Pr.imag**2
-    den = sn * sn * fr * fr * ar + sr * sr * fn * fn * an
-    den = np.maximum(den, 1e-30 * den.max())
-    sq = np.sqrt(den)
+    an = Pn.real**2
+    an += Pn.imag**2
+    ar = Pr.real**2
+    ar += Pr.imag**2
+    inv = ar * (sn * sn * fr * fr)
+    inv += an * (sr * sr * fn * fn)  # den of Eqs. 13-14, 28-29
+    np.maximum(inv, 1e-30 * inv.max(), out=inv)
+    np.divide(1.0, inv, out=inv)  # 1 / den
+    isq = np.sqrt(inv)
     f_d = fr * fn / np.sqrt(sn * sn * fr * fr + sr * sr * fn * fn)  # Eq. 15
     npix = shape[0] * shape[1]
-    f_s = _full_plane_sum((fn * fn * fr * fr * an * ar / den).astype(np.float64), shape[1]) / npix  # Eq. 42 (1/Npix)
+    wn = ar * inv  # |P_r^|^2 / den
+    wr = an * inv  # |P_n^|^2 / den
+    f_s = fn * fn * fr * fr * _full_plane_sum((an * wn).astype(np.float64, copy=False), shape[1]) / npix  # Eq. 42
     kn_s, kr_s = _small_kernels(pn, pr, fn, fr, sn, sr, shift)
+    isq_n = isq * fr
+    isq *= fn
+    wn *= fn * fr * fr
+    wr *= fr * fn * fn
     return {
-        "dn": (fr * Pr / sq).astype(ctype),  # Eq. 13, operator on N^
-        "dr": (fn * Pn / sq).astype(ctype),  # Eq. 13, operator on R^
-        "kn": (fn * fr * fr * np.conj(Pn) * (ar / den)).astype(ctype),  # Eq. 28
-        "kr": (fr * fn * fn * np.conj(Pr) * (an / den)).astype(ctype),  # Eq. 29
-        "kn2": _psf_fft(kn_s * kn_s, shape, dtype=rdt).astype(ctype),  # Eq. 26 kernel k_n^2
-        "kr2": _psf_fft(kr_s * kr_s, shape, dtype=rdt).astype(ctype),  # Eq. 27 kernel k_r^2
+        "dn": (Pr * isq_n).astype(ctype, copy=False),  # Eq. 13, operator on N^
+        "dr": (Pn * isq).astype(ctype, copy=False),  # Eq. 13, operator on R^
+        "kn": (np.conj(Pn) * wn).astype(ctype, copy=False),  # Eq. 28
+        "kr": (np.conj(Pr) * wr).astype(ctype, copy=False),  # Eq. 29
+        "kn2": _psf_fft(kn_s * kn_s, shape, dtype=rdt).astype(ctype, copy=False),  # Eq. 26 kernel k_n^2
+        "kr2": _psf_fft(kr_s * kr_s, shape, dtype=rdt).astype(ctype, copy=False),  # Eq. 27 kernel k_r^2
         "f_d": f_d,
         "f_s": f_s,
     }
@@ -462,43 +476,73 @@ def zogy_arrays(
     ctype = np.complex64 if fdt is np.float32 else np.complex128
     T = _transfer(psf_new, psf_ref, shape, 1.0, 1.0 / scale, sigma_new, sigma_ref,
                   _psf_shifts(psf_new, psf_ref, shift, shift_on), ctype)
-    badm = bad | ~np.isfinite(new) | ~np.isfinite(ref)
-    n = np.where(badm, 0, new).astype(fdt)
-    r = np.where(badm, 0, ref).astype(fdt)
-    vfill_n = float(sigma_new**2)
-    vfill_r = float(sigma_ref**2)
-    vn = np.where(badm | ~np.isfinite(var_new), vfill_n, var_new).astype(fdt)
-    vr = np.where(badm | ~np.isfinite(var_ref), vfill_r, var_ref).astype(fdt)
+    badm = np.asarray(bad, bool) | ~np.isfinite(new) | ~np.isfinite(ref)
+    anyb = bool(badm.any())
+    n = np.array(new, dtype=fdt)
+    r = np.array(ref, dtype=fdt)
+    vn = np.array(var_new, dtype=fdt)
+    vr = np.array(var_ref, dtype=fdt)
+    if anyb:
+        n[badm] = 0
+        r[badm] = 0
+    for v, fill in ((vn, sigma_new**2), (vr, sigma_ref**2)):
+        fix = ~np.isfinite(v)
+        if anyb:
+            fix |= badm
+        if fix.any():
+            v[fix] = fill
     edges = (pb > 0, pt > 0, pl > 0, pr_ > 0)
     n = _noise_pad(n, before, after, origin, sigma_new, 0.0, 1, edges)
     r = _noise_pad(r, before, after, origin, sigma_ref, 0.0, 2, edges)
     vn = _noise_pad(vn, before, after, origin, 0.0, sigma_new**2, 0, edges)
     vr = _noise_pad(vr, before, after, origin, 0.0, sigma_ref**2, 0, edges)
-    Nh = sfft.rfft2(n, workers=1)
-    Rh = sfft.rfft2(r, workers=1)
-    D = sfft.irfft2(T["dn"] * Nh - T["dr"] * Rh, s=shape, workers=1)  # Eq. 13
-    SN = sfft.irfft2(T["kn"] * Nh, s=shape, workers=1)  # Eq. 30
-    SR = sfft.irfft2(T["kr"] * Rh, s=shape, workers=1)  # Eq. 31
-    V = sfft.irfft2(T["kn2"] * sfft.rfft2(vn, workers=1) + T["kr2"] * sfft.rfft2(vr, workers=1),
-                    s=shape, workers=1)  # Eqs. 26-27: V(S_N) + V(S_R)
+    wk = _FFT_WORKERS
+    Nh = sfft.rfft2(n, workers=wk)
+    Rh = sfft.rfft2(r, workers=wk)
+    X = T["dn"] * Nh
+    X -= T["dr"] * Rh
+    D = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 13
+    np.multiply(T["kn"], Nh, out=X)
+    SN = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 30
+    np.multiply(T["kr"], Rh, out=X)
+    SR = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 31
+    del X, Nh, Rh
+    VNh = sfft.rfft2(vn, workers=wk)
+    VNh *= T["kn2"]
+    VRh = sfft.rfft2(vr, workers=wk)
+    VRh *= T["kr2"]
+    VNh += VRh
+    del VRh
+    V = sfft.irfft2(VNh, s=shape, workers=wk)  # Eqs. 26-27: V(S_N) + V(S_R)
+    del VNh
     crop = (slice(pb, pb + h), slice(pl, pl + w))
-    gny, gnx = np.gradient(SN)
-    gry, grx = np.gradient(SR)
-    vast = dx * dx * (gnx**2 + grx**2) + dy * dy * (gny**2 + gry**2)  # Eqs. 32-33
-    S = (SN - SR)[crop]  # Eq. 17
+    # central differences (np.gradient) on the crop grown by 1 px where the grid allows:
+    # identical to the gradient of the whole grid, at a fraction of the cost
+    gy0, gy1, gx0, gx1 = max(0, pb - 1), min(fy, pb + h + 1), max(0, pl - 1), min(fx, pl + w + 1)
+    inner = (slice(pb - gy0, pb - gy0 + h), slice(pl - gx0, pl - gx0 + w))
+    vast = np.zeros((h, w))
+    for A in (SN, SR):
+        gy, gx = np.gradient(A[gy0:gy1, gx0:gx1])
+        gx = gx[inner]
+        gy = gy[inner]
+        gx *= gx
+        gy *= gy
+        vast += (dx * dx) * gx
+        vast += (dy * dy) * gy  # Eqs. 32-33
+    S = SN[crop] - SR[crop]  # Eq. 17
     V = np.maximum(V[crop], 0)
-    vast = vast[crop]
     f_s = T["f_s"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        scorr = S / np.sqrt(V + vast)  # Eq. 25
+        vast += V
+        scorr = S / np.sqrt(vast)  # Eq. 25
         fpsf = S / f_s  # Eq. 41
         fpsf_err = np.sqrt(V) / f_s  # Eq. 43
     return {
-        "diff": (D[crop] / T["f_d"]).astype(fdt),
-        "scorr": scorr.astype(fdt),
-        "s": S.astype(fdt),
-        "fpsf": fpsf.astype(fdt),
-        "fpsf_err": fpsf_err.astype(fdt),
+        "diff": (D[crop] / T["f_d"]).astype(fdt, copy=False),
+        "scorr": scorr.astype(fdt, copy=False),
+        "s": S.astype(fdt, copy=False),
+        "fpsf": fpsf.astype(fdt, copy=False),
+        "fpsf_err": fpsf_err.astype(fdt, copy=False),
         "f_d": T["f_d"],
         "f_s": f_s,
     }
@@ -560,20 +604,6 @@ def _lin_weights(g: np.ndarray, nodes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _apply_fcorr(res: dict[str, Any], fc: Any, origin: tuple[int, int]) -> None:
-    """Divide ``fpsf``/``fpsf_err`` by the PSF-mismatch response field (see :func:`_flux_correction`)."""
-    if fc is None:
-        return
-    ys, xs, vals = fc
-    h, w = res["fpsf"].shape
-    gy = np.arange(h) + origin[0]
-    gx = np.arange(w) + origin[1]
-    # separable evaluation: bilinear on a product grid
-    field = _lin_weights(gy, ys) @ vals @ _lin_weights(gx, xs).T
-    res["fpsf"] = (res["fpsf"] / field).astype(res["fpsf"].dtype)
-    res["fpsf_err"] = (res["fpsf_err"] / field).astype(res["fpsf_err"].dtype)
-
-
 def _flux_correction(f_psf: Callable[[float, float], np.ndarray], tile_psf_new: np.ndarray, tile_psf_ref: np.ndarray,
                      ys: np.ndarray, xs: np.ndarray, scale: float, sigma_new: float, sigma_ref: float) -> np.ndarray:
     """Response of ``S`` to a point source with the *local* new PSF, relative to ``F_S`` (Eqs. 41-42).
@@ -603,70 +633,124 @@ def _flux_correction(f_psf: Callable[[float, float], np.ndarray], tile_psf_new: 
     return out
 
 
-def _zogy_tile(new, ref, vnew, vref, bad, *, tile, tgrid, psfs_new, psfs_ref, varying, feather, halo, pad,
-               params, fcorr):
+def _extended(grid: TileGrid, tile: Any, feather: int) -> tuple[slice, slice]:
+    """Global slices of a tile's blend region: its core grown by ``feather`` px (clipped to the image)."""
+    H, W = grid.shape
+    (y0, y1), (x0, x1) = (tile.core[0].start, tile.core[0].stop), (tile.core[1].start, tile.core[1].stop)
+    return (slice(max(0, y0 - feather), min(H, y1 + feather)), slice(max(0, x0 - feather), min(W, x1 + feather)))
+
+
+def _zogy_tile(new, ref, vnew, vref, bad, *, tile, tgrid, psfs_new, psfs_ref, feather, pad, params, f_new,
+               flux_correction):
+    """ZOGY on one tile's outer box, computed **once**.
+
+    Returns ``(6, h, w)`` float32: ``diff, scorr, s, fpsf, fpsf_err`` (NaN on
+    the mask) and ``mask`` (0/1), on the tile's core when ``feather == 0`` or
+    on its blend region (core grown by ``feather`` px) otherwise; the
+    partition-of-unity weights are applied by :func:`_assemble_core`.
+    """
     grid = tgrid
     t = tile.index
     H, W = grid.shape
-
-    def pads(gy0: int, gy1: int, gx0: int, gx1: int) -> tuple[int, int, int, int]:
-        return (pad if gy0 == 0 else 0, pad if gy1 == H else 0, pad if gx0 == 0 else 0, pad if gx1 == W else 0)
-
     y0, x0 = tile.origin
     oh, ow = tile.outer_shape
-    own = zogy_arrays(new, ref, vnew, vref, bad, psfs_new[t], psfs_ref[t], pad=pads(y0, y0 + oh, x0, x0 + ow),
-                      origin=tile.origin, **params)
-    _apply_fcorr(own, fcorr[t], (y0, x0))
-    out = {k: own[k].astype(np.float64) if varying else own[k] for k in ("diff", "scorr", "s", "fpsf", "fpsf_err")}
-    if varying and feather > 0:
-        ys = np.arange(y0, y0 + oh)
-        xs = np.arange(x0, x0 + ow)
-        wy_own = _edge_weights(grid.y_edges, tile.iy, ys, feather)
-        wx_own = _edge_weights(grid.x_edges, tile.ix, xs, feather)
-        for k in out:
-            out[k] = out[k] * (wy_own[:, None] * wx_own[None, :])
-        (cy0, cy1), (cx0, cx1) = (tile.inner[0].start, tile.inner[0].stop), (tile.inner[1].start, tile.inner[1].stop)
-        for a in (-1, 0, 1):
-            for b in (-1, 0, 1):
-                if a == 0 and b == 0:
-                    continue
-                iy, ix = tile.iy + a, tile.ix + b
-                if not (0 <= iy < grid.ny and 0 <= ix < grid.nx):
-                    continue
-                wy = _edge_weights(grid.y_edges, iy, ys, feather)
-                wx = _edge_weights(grid.x_edges, ix, xs, feather)
-                ry = np.nonzero(wy[cy0:cy1] > 0)[0]
-                rx = np.nonzero(wx[cx0:cx1] > 0)[0]
-                if ry.size == 0 or rx.size == 0:
-                    continue
-                ry0, ry1 = cy0 + ry[0], cy0 + ry[-1] + 1
-                rx0, rx1 = cx0 + rx[0], cx0 + rx[-1] + 1
-                by0, by1 = max(0, ry0 - halo), min(oh, ry1 + halo)
-                bx0, bx1 = max(0, rx0 - halo), min(ow, rx1 + halo)
-                sub = (slice(by0, by1), slice(bx0, bx1))
-                j = iy * grid.nx + ix
-                res = zogy_arrays(new[sub], ref[sub], vnew[sub], vref[sub], bad[sub], psfs_new[j], psfs_ref[j],
-                                  pad=pads(y0 + by0, y0 + by1, x0 + bx0, x0 + bx1), origin=(y0 + by0, x0 + bx0),
-                                  **params)
-                _apply_fcorr(res, fcorr[j], (y0 + by0, x0 + bx0))
-                reg = (slice(ry0, ry1), slice(rx0, rx1))
-                loc = (slice(ry0 - by0, ry1 - by0), slice(rx0 - bx0, rx1 - bx0))
-                wgt = wy[ry0:ry1, None] * wx[None, rx0:rx1]
-                for k in out:
-                    out[k][reg] += wgt * res[k][loc]
+    pads = (pad if y0 == 0 else 0, pad if y0 + oh == H else 0, pad if x0 == 0 else 0, pad if x0 + ow == W else 0)
+    out = zogy_arrays(new, ref, vnew, vref, bad, psfs_new[t], psfs_ref[t], pad=pads, origin=tile.origin, **params)
+    ext = _extended(grid, tile, feather)
+    loc = (slice(ext[0].start - y0, ext[0].stop - y0), slice(ext[1].start - x0, ext[1].stop - x0))
+    if flux_correction:
+        ys = np.linspace(ext[0].start, ext[0].stop - 1, 4)
+        xs = np.linspace(ext[1].start, ext[1].stop - 1, 4)
+        vals = _flux_correction(f_new, psfs_new[t], psfs_ref[t], ys, xs, params["scale"], params["sigma_new"],
+                                params["sigma_ref"])
+        field = _lin_weights(np.arange(ext[0].start, ext[0].stop), ys) @ vals @ _lin_weights(
+            np.arange(ext[1].start, ext[1].stop), xs).T
+    else:
+        field = None
     # mask: bad pixels of either image spread over the PSF footprint
     fp = _footprint(psfs_new[t], psfs_ref[t])
-    m = ndimage.binary_dilation(bad, structure=fp) if bad.any() else np.zeros(bad.shape, bool)
-    results = []
-    for k in ("diff", "scorr", "s", "fpsf", "fpsf_err"):
-        v = out[k].astype(np.float32)
-        v[m] = np.nan
-        results.append(v)
-    results.append(m.astype(np.float32))
-    return tuple(results)
+    m = ndimage.binary_dilation(bad, structure=fp)[loc] if bad.any() else np.zeros(
+        (loc[0].stop - loc[0].start, loc[1].stop - loc[1].start), bool)
+    res = np.empty((6,) + m.shape, np.float32)
+    for i, k in enumerate(("diff", "scorr", "s", "fpsf", "fpsf_err")):
+        v = out[k][loc]
+        if field is not None and k in ("fpsf", "fpsf_err"):
+            v = v / field
+        res[i] = v
+        res[i][m] = np.nan
+    res[5] = m
+    return res
+
+
+def _assemble_core(grid: TileGrid, index: int, feather: int, *parts: np.ndarray) -> np.ndarray:
+    """One output core: the partition-of-unity weighted sum of its neighbours' blend regions.
+
+    ``parts`` are the :func:`_zogy_tile` results of the (up to 9) tiles whose
+    blend region meets this core, in :func:`_neighbours` order.  Weights are
+    separable tents (:func:`_edge_weights`) that sum to exactly 1 at every
+    pixel; the sum is accumulated in float64 and a pixel is masked (NaN) when
+    any tile with a non-zero weight there masks it.
+    """
+    tile = grid.tiles[index]
+    cy, cx = tile.core
+    ys = np.arange(cy.start, cy.stop)
+    xs = np.arange(cx.start, cx.stop)
+    acc = np.zeros((5, ys.size, xs.size))
+    mask = np.zeros((ys.size, xs.size), bool)
+    for j, part in zip(_neighbours(grid, index, feather), parts):
+        nb = grid.tiles[j]
+        ext = _extended(grid, nb, feather)
+        wy = _edge_weights(grid.y_edges, nb.iy, ys, feather)
+        wx = _edge_weights(grid.x_edges, nb.ix, xs, feather)
+        ry = np.nonzero(wy > 0)[0]
+        rx = np.nonzero(wx > 0)[0]
+        if ry.size == 0 or rx.size == 0:
+            continue
+        a, b = slice(ry[0], ry[-1] + 1), slice(rx[0], rx[-1] + 1)
+        src = (slice(cy.start + ry[0] - ext[0].start, cy.start + ry[-1] + 1 - ext[0].start),
+               slice(cx.start + rx[0] - ext[1].start, cx.start + rx[-1] + 1 - ext[1].start))
+        p = part[(slice(None),) + src]
+        pm = p[5] > 0
+        w = wy[a, None] * wx[None, b]
+        mask[a, b] |= pm
+        acc[:, a, b] += np.where(pm, 0.0, p[:5]) * w
+    acc[:, mask] = np.nan
+    out = np.empty((6, ys.size, xs.size), np.float32)
+    out[:5] = acc
+    out[5] = mask
+    return out
+
+
+def _neighbours(grid: TileGrid, index: int, feather: int) -> list[int]:
+    """Tiles whose blend region (core grown by ``feather``) meets the core of tile ``index``."""
+    t = grid.tiles[index]
+    out = []
+    for a in (-1, 0, 1):
+        for b in (-1, 0, 1):
+            iy, ix = t.iy + a, t.ix + b
+            if not (0 <= iy < grid.ny and 0 <= ix < grid.nx):
+                continue
+            if (a or b) and feather <= 0:
+                continue
+            out.append(iy * grid.nx + ix)
+    return out
 
 
 # ============================================================== the driver
+def _phase_timer() -> Callable[[str], None]:
+    """Log (debug) the wall time of each driver phase."""
+    import time
+
+    last = [time.perf_counter()]
+
+    def tick(name: str) -> None:
+        now = time.perf_counter()
+        log.debug("zogy phase %-18s %.3f s", name, now - last[0])
+        last[0] = now
+
+    return tick
+
+
 def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
     if new["image"].shape != ref["image"].shape:
         raise ValueError(
@@ -787,7 +871,10 @@ def zogy_subtract(
             "Use a coarser grid (smaller nx/ny) or crop the images to the common valid area"
         )
 
+    _tick = _phase_timer()
     # ---------------------------------------------------------- background
+    # estimate_background reads each image once for its mesh statistics; the
+    # maps stay lazy and are evaluated exactly once, in the persist below.
     bkg_n, rms_n, bmeth = nz.background_model(new, mesh=mesh)
     bkg_r, rms_r, _ = nz.background_model(ref, mesh=mesh)
     if subtract_background:
@@ -796,14 +883,64 @@ def zogy_subtract(
     else:
         N, R = img_n, img_r
         bmeth = "none (rms from " + bmeth + ")"
-    N = N.rechunk(img_n.chunks)
-    R = R.rechunk(img_n.chunks)
-    # ------------------------------------------------------------ variance
+
+    _tick("background models")
+    # ------------------------------------------------------- PSFs and sizes
+    fwhm_n = new.attrs.get("fwhm")
+    fwhm_r = ref.attrs.get("fwhm")
+    f_new = as_psf_function(new_psf, "new_psf")
+    f_ref = as_psf_function(ref_psf, "ref_psf")
+    if fwhm_n is None or fwhm_r is None:
+        cy, cx = slice(max(0, h // 2 - 512), h // 2 + 512), slice(max(0, w // 2 - 512), w // 2 + 512)
+        if fwhm_n is None:
+            fwhm_n = _stamp_fwhm(f_new(w / 2, h / 2)) if f_new else None
+        if fwhm_r is None:
+            fwhm_r = _stamp_fwhm(f_ref(w / 2, h / 2)) if f_ref else None
+        if fwhm_n is None or fwhm_r is None:
+            cut_n, cut_r, cut_b = dask.compute(N[cy, cx], R[cy, cx], bad[cy, cx])
+            fwhm_n = nz.estimate_fwhm(cut_n, cut_b) if fwhm_n is None else fwhm_n
+            fwhm_r = nz.estimate_fwhm(cut_r, cut_b) if fwhm_r is None else fwhm_r
+    fwhm_n, fwhm_r = float(fwhm_n), float(fwhm_r)
+    half = int(np.clip(np.ceil(3.0 * max(fwhm_n, fwhm_r)), 7, 40))
+    if f_new is not None:
+        half = max(half, f_new(w / 2, h / 2).shape[0] // 2)
+    if f_ref is not None:
+        half = max(half, f_ref(w / 2, h / 2).shape[0] // 2)
+    support = 3 * half
+    # Feathering (varying PSF): a tile's blend region is its core grown by fe px,
+    # and its result there is exact when the halo covers fe + the kernel support.
+    maybe_varying = nx * ny > 1 and not (
+        f_new is not None and f_ref is not None and _is_constant(f_new, shape) and _is_constant(f_ref, shape))
+    fe0 = max(support // 2, 8) if feather is None else check_int("feather", feather, lower=0)
+    need = support + (fe0 if (maybe_varying or feather is not None) else 0)
+    if overlap is None:
+        ov = (need if ny > 1 else 0, need if nx > 1 else 0)
+    else:
+        ov = as_pair("overlap", overlap, lower=0)
+    grid = TileGrid(shape, nx=nx, ny=ny, overlap=ov)
+    grid._check_engine()
+    oy, ox = grid.overlap
+    if (ny > 1 and oy < half) or (nx > 1 and ox < half):
+        raise ValueError(
+            f"overlap={grid.overlap} px is smaller than the PSF half-size ({half} px): the PSF does not fit "
+            f"in a tile's halo. Use overlap >= {need} (recommended) or at least {half}"
+        )
+    grid.check_overlap(support, "ZOGY (3 x PSF half-size)")
+    if min(grid.min_core) < 2 * half + 1:
+        raise ValueError(f"tiles of {grid.min_core} px are smaller than the PSF stamp ({2 * half + 1} px); use fewer tiles")
+
+    _tick("sizes")
+    # ------------------- one pass over the pixels: inputs persisted in tile chunks
+    gc = grid.chunks
+    N, R, rms_n, rms_r, bad, b32n, b32r = dask.persist(
+        N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc),
+        bkg_n[::32, ::32], bkg_r[::32, ::32])
     if gain_n is None or gain_r is None:
         est = {}
-        for key, g, b_, r_ in (("new", gain_n, bkg_n, rms_n), ("ref", gain_r, bkg_r, rms_r)):
+        s32 = dict(zip(("bn", "rn", "br", "rr"), dask.compute(b32n, rms_n[::32, ::32], b32r, rms_r[::32, ::32])))
+        for key, g, b_, r_ in (("new", gain_n, s32["bn"], s32["rn"]), ("ref", gain_r, s32["br"], s32["rr"])):
             if g is None:
-                sky, rms = (float(np.nanmedian(np.asarray(v))) for v in dask.compute(b_[::32, ::32], r_[::32, ::32]))
+                sky, rms = float(np.nanmedian(np.asarray(b_))), float(np.nanmedian(np.asarray(r_)))
                 est[key] = sky / rms**2 if sky > 3 * rms and rms > 0 else None
         warnings.warn(
             "no gain known for " + " and ".join(est) + ": "
@@ -816,62 +953,39 @@ def zogy_subtract(
         )
         gain_n = est.get("new", gain_n) if gain_n is None else gain_n
         gain_r = est.get("ref", gain_r) if gain_r is None else gain_r
-    VN = _user_var(new_var, new, shape, img_n.chunks, "new_var")
+    VN = _user_var(new_var, new, shape, gc, "new_var")
     if VN is None:
         VN = nz.variance_map(N, rms_n, gain_n)
-    VR = _user_var(ref_var, ref, shape, img_n.chunks, "ref_var")
+    VR = _user_var(ref_var, ref, shape, gc, "ref_var")
     if VR is None:
         VR = nz.variance_map(R, rms_r, gain_r)
-    VN = VN.rechunk(img_n.chunks)
-    VR = VR.rechunk(img_n.chunks)
+    VN, VR = dask.persist(VN.rechunk(gc), VR.rechunk(gc))
 
-    # ------------------------------------------------------------- PSFs
-    fwhm_n = new.attrs.get("fwhm")
-    fwhm_r = ref.attrs.get("fwhm")
-    f_new = as_psf_function(new_psf, "new_psf")
-    f_ref = as_psf_function(ref_psf, "ref_psf")
-    need = (f_new is None, f_ref is None)
-    if fwhm_n is None or fwhm_r is None:
-        cy, cx = slice(max(0, h // 2 - 512), h // 2 + 512), slice(max(0, w // 2 - 512), w // 2 + 512)
-        cut_n, cut_r, cut_b = dask.compute(N[cy, cx], R[cy, cx], bad[cy, cx])
-        if fwhm_n is None:
-            fwhm_n = _stamp_fwhm(f_new(w / 2, h / 2)) if f_new else nz.estimate_fwhm(cut_n, cut_b)
-        if fwhm_r is None:
-            fwhm_r = _stamp_fwhm(f_ref(w / 2, h / 2)) if f_ref else nz.estimate_fwhm(cut_r, cut_b)
-    fwhm_n, fwhm_r = float(fwhm_n), float(fwhm_r)
-    half = int(np.clip(np.ceil(3.0 * max(fwhm_n, fwhm_r)), 7, 40))
-    if f_new is not None:
-        half = max(half, f_new(w / 2, h / 2).shape[0] // 2)
-    if f_ref is not None:
-        half = max(half, f_ref(w / 2, h / 2).shape[0] // 2)
-    support = 3 * half
-    if overlap is None:
-        ov = (support if ny > 1 else 0, support if nx > 1 else 0)
-    else:
-        ov = as_pair("overlap", overlap, lower=0)
-    grid = TileGrid(shape, nx=nx, ny=ny, overlap=ov)
-    grid._check_engine()
-    oy, ox = grid.overlap
-    if (ny > 1 and oy < half) or (nx > 1 and ox < half):
-        raise ValueError(
-            f"overlap={grid.overlap} px is smaller than the PSF half-size ({half} px): the PSF does not fit "
-            f"in a tile's halo. Use overlap >= {support} (recommended) or at least {half}"
-        )
-    grid.check_overlap(support, "ZOGY (3 x PSF half-size)")
-    if min(grid.min_core) < 2 * half + 1:
-        raise ValueError(f"tiles of {grid.min_core} px are smaller than the PSF stamp ({2 * half + 1} px); use fewer tiles")
-
-    # ------------------------------------------- map: stars of every tile
+    _tick("persist")
+    # ------------- map: stars of every tile + per-tile noise, in one compute
     sat_n = new.attrs.get("saturation")
     sat_r = ref.attrs.get("saturation")
+    r_ap = float(np.clip(2.0 * max(fwhm_n, fwhm_r), 4.0, half - 1))
     star_grid = TileGrid(shape, nx=nx, ny=ny, overlap=tuple(max(o, half + 2) if n > 1 else 0 for o, n in zip(ov, (ny, nx))))
-    stars = nz.star_table(
-        N, R, VN, VR, bad, star_grid, fwhm_new=fwhm_n, fwhm_ref=fwhm_r, half=half,
-        r_aper=float(np.clip(2.0 * max(fwhm_n, fwhm_r), 4.0, half - 1)),
-        saturation_new=None if sat_n is None else float(sat_n) - _median_finite(np.asarray(bkg_n[::64, ::64])),
-        saturation_ref=None if sat_r is None else float(sat_r) - _median_finite(np.asarray(bkg_r[::64, ::64])),
-    )
+    step = max(1, int(np.sqrt(h * w / 250_000)))
+    with dask.config.set({"array.slicing.split_large_chunks": False}):
+        star_tasks = tile_tables(
+            nz.measure_pair_stars, N, R, VN, VR, bad, grid=star_grid, fwhm_new=fwhm_n, fwhm_ref=fwhm_r, half=half,
+            r_aper=r_ap,
+            saturation_new=None if sat_n is None else float(sat_n) - _median_finite(np.asarray(b32n)[::2, ::2]),
+            saturation_ref=None if sat_r is None else float(sat_r) - _median_finite(np.asarray(b32r)[::2, ::2]),
+        )
+    med = dask.delayed(_median_finite, pure=True)
+    noise_tasks = [med(a[t.core]) for a in (rms_n, rms_r) for t in grid.tiles]
+    got = dask.compute(*star_tasks, *noise_tasks, rms_n[::step, ::step], rms_r[::step, ::step])
+    ns = len(star_tasks)
+    stars = merge_tables(got[:ns])
+    rn_tiles = [float(v) for v in got[ns:ns + grid.ntiles]]
+    rr_tiles = [float(v) for v in got[ns + grid.ntiles:ns + 2 * grid.ntiles]]
+    sigma_n = _median_finite(got[-2])
+    sigma_r = _median_finite(got[-1])
     log.info("ZOGY: %d stars measured for the global fits", len(stars))
+    _tick("stars")
     # ------------------------------------------------- reduce: PSF models
     psf_source = {"new": "given", "ref": "given"}
     for key, f_given in (("new", f_new), ("ref", f_ref)):
@@ -908,10 +1022,10 @@ def zogy_subtract(
     varying = nx * ny > 1 and not (
         all(np.array_equal(p, psfs_new[0]) for p in psfs_new) and all(np.array_equal(p, psfs_ref[0]) for p in psfs_ref)
     )
+    _tick("psfs")
     # ----------------------------------------- reduce: flux scale and shift
     tix = np.asarray(stars["tile"], dtype=int) if len(stars) else np.zeros(0, int)
     fit: dict[str, Any] = {}
-    r_ap = float(np.clip(2.0 * max(fwhm_n, fwhm_r), 4.0, half - 1))
     if scale is not None:
         scale_v = check_positive("scale", scale)
         fit["scale_source"] = "given"
@@ -940,31 +1054,28 @@ def zogy_subtract(
     else:
         sx, sy = 0.0, 0.0
         fit["shift_source"] = "none"
-    # ----------------------------------------------------- noise (global)
-    rn_tiles = _tile_stats(rms_n, grid, _median_finite)
-    rr_tiles = _tile_stats(rms_r, grid, _median_finite)
-    # one global sigma per image (independent of the tiling): median rms over a strided sample
-    step = max(1, int(np.sqrt(h * w / 250_000)))
-    sn_s, sr_s = dask.compute(rms_n[::step, ::step], rms_r[::step, ::step])
-    sigma_n = _median_finite(sn_s)
-    sigma_r = _median_finite(sr_s)
     cidx = grid.ntiles // 2
     shift_on = "new" if _stamp_fwhm(psfs_new[cidx]) >= _stamp_fwhm(psfs_ref[cidx]) else "ref"
     frame_offset = [float(sx), float(sy)] if shift_on == "new" else [0.0, 0.0]
     params = dict(scale=scale_v, sigma_new=sigma_n, sigma_ref=sigma_r, shift=(sx, sy), shift_on=shift_on,
                   dx=float(dx), dy=float(dy),
                   precision=precision)
-    fe = max(support, 16) if feather is None else check_int("feather", feather, lower=0)
-    fe = int(min(fe, min(grid.min_core) // 2 - 1)) if varying else 0
+    _tick("fits")
+    # ------------------------------------------------------------ feather
+    fe = fe0 if (varying or feather is not None) else 0
+    if fe > 0:
+        room = min([o - support for o, n in zip(grid.overlap, (ny, nx)) if n > 1] or [fe])
+        lim = max(0, min(fe, room, min(grid.min_core) // 2))
+        if lim < fe:
+            warnings.warn(
+                f"feather reduced from {fe} to {lim} px: the halo ({grid.overlap} px) must cover the kernel support "
+                f"({support} px) plus the feather, and the feather half a core; use overlap >= {support + fe}",
+                OverlapWarning, stacklevel=3)
+            fe = lim
     pad = support
-    fcorr: list[Any] = [None] * grid.ntiles
-    if flux_correction and not _is_constant(f_new, shape):
-        for t in grid.tiles:
-            ys = np.linspace(t.core[0].start - fe, t.core[0].stop - 1 + fe, 4)
-            xs = np.linspace(t.core[1].start - fe, t.core[1].stop - 1 + fe, 4)
-            vals = _flux_correction(f_new, psfs_new[t.index], psfs_ref[t.index], ys, xs, scale_v, sigma_n, sigma_r)
-            fcorr[t.index] = (ys, xs, vals)
-    outs = _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, varying, fe, support, pad, params, fcorr)
+    fcorr = bool(flux_correction and not _is_constant(f_new, shape))
+    outs = _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, fe, pad, params, f_new if fcorr else None, fcorr)
+    _tick("graph")
     pds = np.stack([psf_d_stamp(pn, pr, scale=scale_v, sigma_new=sigma_n, sigma_ref=sigma_r, shift=(sx, sy),
                                 shift_on=shift_on)
                     for pn, pr in zip(psfs_new, psfs_ref)]).astype(np.float32)
@@ -1079,11 +1190,41 @@ def _try_build_psf(ds: xr.Dataset, psf_method: str) -> Any:
         return None
 
 
-def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, varying, feather, halo, pad, params, fcorr):
-    from ..tiling import map_tiles
+def _zogy_tile_cores(*blocks, **kw):
+    return tuple(_zogy_tile(*blocks, **kw))
 
-    return map_tiles(
-        _zogy_tile, N, R, VN, VR, bad, grid=grid, n_out=6, dtype=np.float32, name="zogy",
-        tgrid=grid, psfs_new=psfs_new, psfs_ref=psfs_ref, varying=varying, feather=feather, halo=halo, pad=pad,
-        params=params, fcorr=fcorr,
-    )
+
+def _zogy_tile_delayed(*blocks, grid, index, **kw):
+    return _zogy_tile(*(np.asarray(b) for b in blocks), tile=grid.tiles[index], tgrid=grid, **kw)
+
+
+def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_new, flux_correction):
+    """The ZOGY map: one computation per tile, stitched (feather 0) or blended (feather > 0)."""
+    kw = dict(psfs_new=psfs_new, psfs_ref=psfs_ref, feather=feather, pad=pad, params=params, f_new=f_new,
+              flux_correction=flux_correction)
+    if feather <= 0:
+        return map_tiles(_zogy_tile_cores, N, R, VN, VR, bad, grid=grid, n_out=6, dtype=np.float32, name="zogy",
+                         tgrid=grid, **kw)
+    # every tile computes its result once, on its blend region; each core is then the
+    # weighted sum of the (up to 9) blend regions that cover it (no task holds the image)
+    blocks = _overlapped([N, R, VN, VR, bad], grid)
+    # optimize_graph=False keeps the persisted inputs' futures in the graph (else a cluster may release them)
+    dl = [b.to_delayed(optimize_graph=False) for b in blocks]
+    tok = dask.base.tokenize(grid.shape, grid.chunks, grid.overlap, psfs_new, psfs_ref, feather, pad, params,
+                             flux_correction, *blocks)
+    ftile = dask.delayed(_zogy_tile_delayed, pure=True)
+    parts = [ftile(*[d[t.iy, t.ix] for d in dl], grid=grid, index=t.index, **kw,
+                   dask_key_name=f"zogy-tile-{tok}-{t.index}") for t in grid.tiles]
+    fasm = dask.delayed(_assemble_core, pure=True)
+    rows = []
+    for iy in range(grid.ny):
+        row = []
+        for ix in range(grid.nx):
+            t = grid.tiles[iy * grid.nx + ix]
+            core = fasm(grid, t.index, feather, *[parts[j] for j in _neighbours(grid, t.index, feather)],
+                        dask_key_name=f"zogy-core-{tok}-{t.index}")
+            row.append(da.from_delayed(core, shape=(6,) + t.core_shape, dtype=np.float32,
+                                       meta=np.empty((0, 0, 0), np.float32)))
+        rows.append(row)
+    stacked = da.block(rows)
+    return tuple(stacked[i] for i in range(6))
