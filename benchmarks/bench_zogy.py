@@ -157,16 +157,34 @@ class PeakRSS:
         self.t.join()
 
 
-def run_tilepipe(d: str, nx: int, workers: int, fft: bool) -> dict:
+def _warm() -> None:
+    """Import what tilepipe's ZOGY uses (outside the timed section, as the peers' imports are)."""
+    import astropy.table  # noqa: F401
+    import astropy.wcs  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+    import scipy.spatial  # noqa: F401
+
+    import tilepipe.background  # noqa: F401
+    import tilepipe.subtract.transients  # noqa: F401
+    import tilepipe.subtract.zogy  # noqa: F401
+
+
+def run_tilepipe(d: str, nx: int, mode: str, fft: bool) -> dict:
+    """One tilepipe run; ``mode`` is ``"threads:N"`` (threaded scheduler, N threads, one process)
+    or ``"workers:N"`` (a LocalCluster of N single-threaded worker processes, started and warmed
+    before the clock starts)."""
     import tilepipe as tp
     from tilepipe.datasets import TruePSF
     from tilepipe.subtract import zogy as zmod
 
+    _warm()
     with open(os.path.join(d, "new_psf.json")) as f:
         pn = TruePSF(json.load(f))
     with open(os.path.join(d, "ref_psf.json")) as f:
         pr = TruePSF(json.load(f))
     fft_time = [0.0]
+    kind, n = mode.split(":")
+    n = int(n)
     if fft:
         import scipy.fft as sfft
 
@@ -187,31 +205,52 @@ def run_tilepipe(d: str, nx: int, workers: int, fft: bool) -> dict:
 
         zmod.sfft = Timed()
     client = None
-    if workers > 0:
+    if kind == "workers":
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=50)
         client = Client(cluster)
+        client.run(_warm)
     import dask
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         new = tp.open_image(os.path.join(d, "new.fits"))
         ref = tp.open_image(os.path.join(d, "ref.fits"))
-        cfg = dask.config.set(scheduler="threads", num_workers=1) if workers == 0 else dask.config.set({})
+        cfg = dask.config.set(scheduler="threads", num_workers=n) if kind == "threads" else dask.config.set({})
         with cfg, PeakRSS() as mem:
+            c0 = _cpu_seconds()
             t0 = time.perf_counter()
             res = tp.subtract(new, ref, nx=nx, new_psf=pn, ref_psf=pr)
             sc, fp, fe, m, df = dask.compute(res["scorr"].data, res["fpsf"].data, res["fpsf_err"].data,
                                              res["mask"].data, res["diff"].data)
             wall = time.perf_counter() - t0
+            cpu = _cpu_seconds() - c0
     if client is not None:
         client.close()
-    out = {"wall": wall, "peak_mb": mem.peak / 2**20}
+        cluster.close()
+    out = {"wall": wall, "peak_mb": mem.peak / 2**20, "cpu": cpu}
     if fft:
         out["fft_frac"] = fft_time[0] / wall
     out.update(quality(d, sc, fp, fe, m, df))
     return out
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (worker processes)."""
+    import psutil
+
+    p = psutil.Process()
+    t = p.cpu_times()
+    tot = t.user + t.system
+    for c in p.children(recursive=True):
+        try:
+            ct = c.cpu_times()
+            tot += ct.user + ct.system
+        except psutil.Error:
+            pass
+    return tot
 
 
 def run_stdpipe(d: str, nx: int) -> dict:
@@ -222,13 +261,15 @@ def run_stdpipe(d: str, nx: int) -> dict:
     ref = fits.getdata(os.path.join(d, "ref.fits")).astype(np.float64)
     with warnings.catch_warnings(), PeakRSS() as mem:
         warnings.simplefilter("ignore")
+        c0 = _cpu_seconds()
         t0 = time.perf_counter()
         D, Scorr, Fpsf, Fpsf_err = subtraction.run_zogy(new, ref, image_gain=2.0, template_gain=2.0,
                                                         image_fwhm=3.5, template_fwhm=2.5, nx=nx, ny=nx,
                                                         overlap=50, get_Fpsf=True)
         wall = time.perf_counter() - t0
+        cpu = _cpu_seconds() - c0
     m = ~np.isfinite(Scorr)
-    out = {"wall": wall, "peak_mb": mem.peak / 2**20}
+    out = {"wall": wall, "peak_mb": mem.peak / 2**20, "cpu": cpu}
     out.update(quality(d, np.asarray(Scorr, float), np.asarray(Fpsf, float), np.asarray(Fpsf_err, float), m,
                        np.asarray(D, float)))
     return out
@@ -241,35 +282,42 @@ def run_properimage(d: str) -> dict:
 
     with warnings.catch_warnings(), PeakRSS() as mem:
         warnings.simplefilter("ignore")
+        c0 = _cpu_seconds()
         t0 = time.perf_counter()
         D, P, Scorr, mask = operations.subtract(ref=os.path.join(d, "ref.fits"), new=os.path.join(d, "new.fits"))
         wall = time.perf_counter() - t0
+        cpu = _cpu_seconds() - c0
     sc = np.asarray(np.real(Scorr), float)
     sc = sc / robust_std(sc)  # properimage's Scorr is not unit-normalised (PEERS.md)
     m = np.asarray(mask, bool) if np.ndim(mask) == 2 else ~np.isfinite(sc)
-    out = {"wall": wall, "peak_mb": mem.peak / 2**20}
+    out = {"wall": wall, "peak_mb": mem.peak / 2**20, "cpu": cpu}
     out.update(quality(d, sc, None, None, m, np.asarray(np.real(D), float)))
     return out
 
 
 # ------------------------------------------------------------------ driver
 METHODS = {
-    "tilepipe nx=1 (1 worker)": ("tilepipe", 1, 1),
-    "tilepipe nx=4 (1 worker)": ("tilepipe", 4, 1),
-    "tilepipe nx=4 (2 workers)": ("tilepipe", 4, 2),
-    "stdpipe run_zogy nx=1": ("stdpipe", 1, 0),
-    "stdpipe run_zogy nx=4": ("stdpipe", 4, 0),
-    "properimage subtract": ("properimage", 1, 0),
+    "tilepipe nx=1 (1 thread)": ("tilepipe", 1, "threads:1"),
+    "tilepipe nx=4 (1 thread)": ("tilepipe", 4, "threads:1"),
+    "tilepipe nx=4 (2 threads)": ("tilepipe", 4, "threads:2"),
+    "tilepipe nx=1 (1 worker)": ("tilepipe", 1, "workers:1"),
+    "tilepipe nx=4 (1 worker)": ("tilepipe", 4, "workers:1"),
+    "tilepipe nx=4 (2 workers)": ("tilepipe", 4, "workers:2"),
+    "stdpipe run_zogy nx=1": ("stdpipe", 1, ""),
+    "stdpipe run_zogy nx=4": ("stdpipe", 4, ""),
+    "properimage subtract": ("properimage", 1, ""),
 }
 
 
+def _load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def child(args: argparse.Namespace) -> None:
-    kind, nx, workers = METHODS[args.child]
+    kind, nx, mode = METHODS[args.child]
     d = args.dir
     if kind == "tilepipe":
-        r = run_tilepipe(d, nx, workers, fft=False)
-        if args.fft and nx == 1 and workers == 1:
-            r["fft_frac"] = run_tilepipe(d, 1, 0, fft=True)["fft_frac"]
+        r = run_tilepipe(d, nx, mode, fft=args.fft and mode == "threads:1")
     elif kind == "stdpipe":
         r = run_stdpipe(d, nx)
     else:
@@ -300,28 +348,32 @@ def main() -> None:
             if kind != "tilepipe" and (kind == "properimage" or nx > 1) and size > args.peer_max_size:
                 continue
             cmd = [sys.executable, __file__, "--child", name, "--dir", d] + (["--fft"] if args.fft else [])
+            load0 = _load()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
                 results[name] = json.loads(line[-1][7:]) if line else {"error": (p.stderr or p.stdout)[-300:]}
             except subprocess.TimeoutExpired:
                 results[name] = {"error": f"timeout {args.timeout} s"}
+            results[name]["load"] = load0
             print(f"[{size}] {name}: {results[name]}", file=sys.stderr, flush=True)
         ref_t = results.get("stdpipe run_zogy nx=1", {}).get("wall")
         ref_m = results.get("stdpipe run_zogy nx=1", {}).get("peak_mb")
         for name, r in results.items():
             rows.append((size, name, r, ref_t, ref_m))
-    print("\n| size | method | wall (s) | speed-up vs stdpipe nx=1 | peak mem (MB) | mem ratio | FFT/total | std | stars>5 | compl | false/MP | flux | pull |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| size | method | wall (s) | speed-up vs stdpipe nx=1 | CPU (s) | peak mem (MB) | mem ratio | FFT/total "
+          "| load 1/5/15 min | std | stars>5 | compl | false/MP | flux | pull |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size, name, r, ref_t, ref_m in rows:
         if "error" in r:
-            print(f"| {size} | {name} | error: {r['error'][-80:]!r} |" + " |" * 10)
+            print(f"| {size} | {name} | error: {r['error'][-80:]!r} |" + " |" * 12)
             continue
         sp = f"{ref_t / r['wall']:.1f}x" if ref_t else "-"
         mr = f"{r['peak_mb'] / ref_m:.2f}" if ref_m else "-"
         ff = f"{r['fft_frac']:.2f}" if "fft_frac" in r else "-"
-        print(f"| {size} | {name} | {r['wall']:.2f} | {sp} | {r['peak_mb']:.0f} | {mr} | {ff} | {r['std']:.3f} | "
-              f"{100 * r['stars>5']:.2f}% | {100 * r['compl']:.1f}% | {r['false/MP']:.2f} | {r['flux']:.3f} | {r['pull']:.2f} |")
+        print(f"| {size} | {name} | {r['wall']:.2f} | {sp} | {r.get('cpu', float('nan')):.1f} | {r['peak_mb']:.0f} | "
+              f"{mr} | {ff} | {r['load']} | {r['std']:.3f} | {100 * r['stars>5']:.2f}% | {100 * r['compl']:.1f}% | "
+              f"{r['false/MP']:.2f} | {r['flux']:.3f} | {r['pull']:.2f} |")
 
 
 if __name__ == "__main__":

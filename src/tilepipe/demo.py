@@ -78,6 +78,10 @@ def run_demo(output: str = "tilepipe-demo", size: int = 1024, seed: int = 1, nx:
     new, ref = pair.new, pair.ref
     tp.write_fits(new, out("new.fits", "synthetic new image (FITS)"), overwrite=True)
     tp.write_fits(ref, out("ref.fits", "synthetic reference image (FITS)"), overwrite=True)
+    # work from the files, as a user would: tasks read their own tiles (no arrays shipped in the graph)
+    chunks = max(256, -(-size // max(nx, ny)))
+    new = tp.open_image(os.path.join(output, "new.fits"), chunks=chunks)
+    ref = tp.open_image(os.path.join(output, "ref.fits"), chunks=chunks)
     stamp("synthetic pair", t0)
 
     t0 = time.perf_counter()

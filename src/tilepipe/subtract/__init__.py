@@ -65,8 +65,11 @@ def subtract(
         Tiles along x and y (``ny`` defaults to ``nx``).
     overlap : int or (int, int), optional
         Halo of each tile in pixels.  ZOGY default: 3 x the PSF stamp
-        half-size (the support of its kernels); a PSF larger than the halo is
-        an error, a halo below the support warns (``OverlapWarning``).
+        half-size (the support of its kernels), plus the ``feather`` width
+        when the PSF varies across tiles (so each tile's result is exact where
+        it is blended); a PSF larger than the halo is an error, a halo below
+        the support warns (``OverlapWarning``), and one too small for the
+        feather shrinks the feather (``OverlapWarning``).
     new_psf, ref_psf : array, callable or PSF model, optional
         A 2-D stamp (constant PSF, centred, any sum), a callable
         ``(x, y) -> stamp`` or an object with ``.at(x, y)`` (e.g.
@@ -95,7 +98,10 @@ def subtract(
     **kwargs
         ZOGY: ``subtract_background`` (True), ``psf_method`` ("auto",
         "model", "empirical"), ``feather`` (half-width of the linear blend
-        across tile borders, px), ``precision`` ("float32"/"float64"),
+        across tile borders, px; default half the kernel support when the PSF
+        varies, 0 otherwise; given explicitly it also applies to a constant
+        PSF), ``precision`` ("float64" default; "float32" is faster but
+        misses the 1e-4 tile-invariance bar near bright stars),
         ``align`` (reproject the reference onto the new WCS), ``mesh``
         (background mesh, px), ``shift``.  SFFT: see its docs.
 
