@@ -18,8 +18,17 @@ Run with the peers' venv::
 
     /work/benchvenv/bin/python benchmarks/bench_zogy.py --sizes 1024 2048
 
-``--fft`` also reports, for tilepipe, the time spent inside its FFTs divided
-by the total (threaded scheduler, one process).
+``--fft`` also reports, for the single-thread tilepipe rows, the time spent
+inside its ``scipy.fft`` transforms divided by the total.
+
+tilepipe runs in three set-ups: the threaded scheduler with 1 or 2 threads
+(one process), and a ``LocalCluster`` of 1 or 2 single-threaded worker
+processes (dask's default worker settings).  The cluster is started, and the
+modules tilepipe uses are imported in every process, before the clock starts
+(as the peers' modules are imported before theirs).  Each row also gives the
+CPU seconds (process + children) and the 1/5/15-minute load average when it
+started: on a shared 2-core machine the two-thread/two-worker gain depends on
+how much of the second core is free.
 """
 
 from __future__ import annotations

@@ -386,6 +386,9 @@ def _lazy_hdu(hdul: Any, idx: int, url: str, chunks: Any, storage_options: dict[
     arr = da.from_array(
         reader, chunks=_default_chunks(chunks, shape), name=name, lock=False, asarray=False, fancy=False,
         meta=np.empty((0, 0), dtype=reader.dtype),
+        # the small reader is embedded in every chunk task: no shared "original-" key whose run_spec
+        # differs between optimised and unoptimised graphs (dask/dask#9888 warnings on a cluster)
+        inline_array=True,
     )
     return arr, header
 

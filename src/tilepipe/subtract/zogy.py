@@ -672,8 +672,13 @@ def _zogy_tile(new, ref, vnew, vref, bad, *, tile, tgrid, psfs_new, psfs_ref, fe
         xs = np.linspace(ext[1].start, ext[1].stop - 1, 4)
         vals = _flux_correction(f_new, psfs_new[t], psfs_ref[t], ys, xs, params["scale"], params["sigma_new"],
                                 params["sigma_ref"])
-        field = _lin_weights(np.arange(ext[0].start, ext[0].stop), ys) @ vals @ _lin_weights(
-            np.arange(ext[1].start, ext[1].stop), xs).T
+        # separable bilinear field; the (h, 4) x (4, w) product is summed by hand: a BLAS call here
+        # would start (and spin) its own thread pool inside every tile task
+        a = _lin_weights(np.arange(ext[0].start, ext[0].stop), ys) @ vals
+        b = _lin_weights(np.arange(ext[1].start, ext[1].stop), xs)
+        field = a[:, 0, None] * b[None, :, 0]
+        for k in range(1, b.shape[1]):
+            field += a[:, k, None] * b[None, :, k]
     else:
         field = None
     # mask: bad pixels of either image spread over the PSF footprint
