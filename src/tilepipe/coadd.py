@@ -350,10 +350,11 @@ def _coadd_tile(*blocks: np.ndarray, tile: Any, n: int, method: str, F: np.ndarr
         out, var = wmean, wvar
     elif method == "median":
         stack = np.stack([np.where(valid[j], M[j] / F[j], np.nan) for j in range(n)])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out = np.nan_to_num(np.nanmedian(stack, axis=0), nan=0.0)
-            vs = np.stack([np.where(valid[j], varis[j] / F[j] ** 2, 0.0) for j in range(n)]).sum(axis=0)
+        # uncovered pixels: give them a value instead of silencing nanmedian's warning
+        # (warnings.catch_warnings is not thread-safe, and tiles run on threads)
+        stack[:, ~np.isfinite(stack).any(axis=0)] = 0.0
+        out = np.nanmedian(stack, axis=0)
+        vs = np.stack([np.where(valid[j], varis[j] / F[j] ** 2, 0.0) for j in range(n)]).sum(axis=0)
         var = np.where(any_ok, (math.pi / 2.0) * vs / np.maximum(nexp, 1) ** 2, 0.0)
     else:
         cy, cx = tile.core
