@@ -284,19 +284,9 @@ def test_batch_fits_folder_cli_and_cluster(field, tmp_path, client):
 
 
 @pytest.fixture
-def bucket(s3_server):
-    """A fresh bucket on the moto server (created without a LocationConstraint, which moto refuses for us-east-1)."""
-    import uuid
-
-    import s3fs
-
-    opts = {k: v for k, v in s3_server.items() if k != "client_kwargs"}
-    opts["client_kwargs"] = {"endpoint_url": s3_server["client_kwargs"]["endpoint_url"]}
-    name = f"tp-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir(name)
-    fs.invalidate_cache()
-    return name, s3_server
+def bucket(s3_bucket):
+    """The shared fresh-bucket fixture of conftest.py: ``(name, storage_options)``."""
+    return s3_bucket
 
 
 def test_batch_s3(field, bucket, tmp_path):

@@ -551,15 +551,9 @@ def test_table_errors(tmp_path):
 
 # ----------------------------------------------------------------- S3 (moto on loopback)
 @pytest.fixture
-def bucket(s3_server):
-    """A fresh bucket (created without a LocationConstraint, which moto rejects for us-east-1)."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**s3_server)
-    name = f"tp-{uuid.uuid4().hex[:12]}"
-    fs.call_s3("create_bucket", Bucket=name)
-    fs.invalidate_cache()
-    return name, s3_server
+def bucket(s3_bucket):
+    """The shared fresh-bucket fixture of conftest.py: ``(name, storage_options)``."""
+    return s3_bucket
 
 
 def test_s3_roundtrip(bucket, product):

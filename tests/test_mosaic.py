@@ -171,19 +171,9 @@ def test_real_decam_stacks_to_zarr(shared_data, tmp_path):
 
 
 @pytest.fixture
-def bucket(s3_server):
-    """A fresh bucket on the moto server (created without a LocationConstraint, which moto refuses for us-east-1)."""
-    import uuid
-
-    import s3fs
-
-    opts = {k: v for k, v in s3_server.items() if k != "client_kwargs"}
-    opts["client_kwargs"] = {"endpoint_url": s3_server["client_kwargs"]["endpoint_url"]}
-    name = f"tp-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir(name)
-    fs.invalidate_cache()
-    return name, s3_server
+def bucket(s3_bucket):
+    """The shared fresh-bucket fixture of conftest.py: ``(name, storage_options)``."""
+    return s3_bucket
 
 
 def test_s3_inputs_and_output(exposures, bucket):
