@@ -138,6 +138,8 @@ def run_tilepipe(path, truth, workers, size):
 
     from distributed import Client, LocalCluster
 
+    import dask, tilepipe.cluster  # noqa: E401
+    dask.config.set(tilepipe.cluster.WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
     try:

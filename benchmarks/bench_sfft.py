@@ -80,6 +80,10 @@ def run_one(method: str, size: int, w: int) -> dict:
     if method.startswith("tilepipe"):
         import dask
 
+        import scipy.fft  # noqa: F401  (imports outside the clock, as for the peers)
+        import scipy.linalg  # noqa: F401
+        import scipy.ndimage  # noqa: F401
+
         from tilepipe.subtract.sfft import sfft_subtract
         from tilepipe.subtract.transients import find_transients
 

@@ -602,6 +602,58 @@ def test_s3_read_on_local_cluster(bucket, local_cluster, product):
         assert nbad == int(product["mask"].values.sum())
 
 
+_ESO_LOG = ["ESO-LOG 00:00:00> DATE         = '1992-10-26'  / Mon Oct 26, 1992",
+            "ESO-LOG 03:04:08>-START EXPO EMMI RED          / Start exp. on EMMI Red CC"]
+
+
+def _fz_with_invalid_cards(path, data, gz=False):
+    """A tile-compressed file whose primary and image headers carry real cards astropy cannot parse
+    (from sep's ESO image), made by overwriting placeholder COMMENT cards byte for byte."""
+    ph = fits.PrimaryHDU()
+    ph.header["COMMENT"] = "PLACEHOLDER-A"
+    h = _wcs_header()
+    h["COMMENT"] = "PLACEHOLDER-B"
+    buf = io.BytesIO()
+    fits.HDUList([ph, fits.CompImageHDU(data, header=h, name="SCI", compression_type="GZIP_2", quantize_level=0)]).writeto(buf)
+    raw = bytearray(buf.getvalue())
+    for mark, card in zip((b"PLACEHOLDER-A", b"PLACEHOLDER-B"), _ESO_LOG):
+        j = raw.find(mark)
+        i = j - j % 80
+        assert j > 0 and raw[i:i + 8] == b"COMMENT "
+        raw[i:i + 80] = card.ljust(80).encode("ascii")
+    if gz:
+        import gzip
+
+        raw = gzip.compress(bytes(raw))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fz_with_invalid_cards_reads_on_threads_without_warnings(tmp_path, img, gz):
+    """Chunk tasks re-open a tile-compressed file on worker threads.  They must neither warn about
+    its unparsable cards (the suite turns warnings into errors) nor silence the warnings with
+    warnings.catch_warnings (not thread-safe): the cards are read blanked."""
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    from tilepipe.io import fits as tfits
+
+    clean = np.nan_to_num(img)
+    p = tmp_path / ("img.fits.fz.gz" if gz else "img.fits.fz")
+    _fz_with_invalid_cards(p, clean, gz=gz)
+    # the file really makes astropy warn when it is opened plainly
+    with pytest.warns(AstropyUserWarning, match="header keyword is invalid"):
+        hdul, fobj = tfits._open_hdul(str(p), None)
+        hdul[1].header
+        hdul.close()
+        if fobj is not None:
+            fobj.close()
+    data, hdr = tio.read_fits(p, chunks=(64, 100))
+    logs = [str(c.value) for c in hdr.cards if c.keyword == "COMMENT" and str(c.value).startswith("ESO-LOG")]
+    assert logs and "START EXPO" in logs[0]  # kept as COMMENT cards on the client
+    np.testing.assert_array_equal(data.compute(scheduler="threads"), clean)
+    np.testing.assert_array_equal(data[37:151, 99:260].compute(scheduler="threads"), clean[37:151, 99:260])
+
+
 def test_nonstandard_cards_kept_as_comments(shared_data, tmp_path):
     """sep's real ESO image carries 'ESO-LOG hh:mm:ss> ...' cards that astropy cannot parse."""
     src = shared_data / "sep_regression" / "image.fits"

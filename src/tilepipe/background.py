@@ -504,8 +504,14 @@ def _view_dask(a: np.ndarray, chunks: Any) -> da.Array:
 
 
 def _constant(shape: tuple[int, int], chunks: Any, value: Any) -> da.Array:
-    """A constant dask array over a zero-stride view (no memory; cheaper to build than ``da.full``)."""
-    return _view_dask(np.broadcast_to(np.asarray(value), shape), chunks)
+    """A constant dask array whose chunks are made inside their tasks (zero-stride views, no memory).
+
+    Not views of one client-side array: a view pickles as a full copy, so every
+    chunk would travel in the graph to a distributed scheduler (16 MiB per graph
+    for a 4k image).
+    """
+    value = np.asarray(value)
+    return da.full(shape, value, chunks=chunks, dtype=value.dtype)
 
 
 def _token(func: Any) -> Any:

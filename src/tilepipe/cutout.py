@@ -360,8 +360,9 @@ def _source_mask_array(
     grow_mode: str,
     keep_center: bool,
     center: tuple[float, float] | None,
+    warn: bool = True,
 ) -> tuple[np.ndarray, int, int]:
-    from photutils.segmentation import deblend_sources, detect_sources
+    from photutils.segmentation import SegmentationImage, deblend_sources
     from scipy import ndimage
 
     img = np.asarray(img, dtype=np.float64)
@@ -375,20 +376,32 @@ def _source_mask_array(
     conv = ndimage.convolve(data, kern, mode="constant", cval=0.0)
     # threshold in units of the noise of the *smoothed* image
     thresh = nsigma * sig * float(np.sqrt((kern**2).sum()))
+    # The segmentation of photutils' detect_sources (8-connected pixels above the threshold, at
+    # least npixels of them, labelled 1..n in scan order), made here because detect_sources
+    # warns (NoDetectionsWarning) when nothing is found: silencing that needs
+    # warnings.catch_warnings, which is not thread-safe, and cutouts run on dask threads.
+    labels0, n0 = ndimage.label((conv > thresh) & ~bad, structure=np.ones((3, 3), dtype=int))
+    segm = None
+    if n0:
+        keep = np.bincount(labels0.ravel(), minlength=n0 + 1) >= npixels
+        keep[0] = False
+        if keep.any():
+            relabel = np.zeros(n0 + 1, dtype=labels0.dtype)
+            relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels0.dtype)
+            segm = SegmentationImage(relabel[labels0])
     deblend_error = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        segm = detect_sources(conv, thresh, n_pixels=npixels, mask=bad)
-        if segm is not None and deblend and segm.n_labels > 0:
-            try:
-                segm = deblend_sources(
-                    conv, segm, n_pixels=npixels, n_levels=nlevels, contrast=contrast, progress_bar=False
-                )
-            except ImportError as exc:
-                raise ImportError(f"source_mask(deblend=True) needs scikit-image ({exc}); pip install scikit-image") from exc
-            except ValueError as exc:
-                deblend_error = str(exc)
-    if deblend_error is not None:
+    if segm is not None and deblend:
+        # every segment pixel is > thresh > 0, so photutils' exponential mode never falls back
+        # to linear (its AstropyUserWarning) for a non-positive minimum
+        try:
+            segm = deblend_sources(
+                conv, segm, n_pixels=npixels, n_levels=nlevels, contrast=contrast, progress_bar=False
+            )
+        except ImportError as exc:
+            raise ImportError(f"source_mask(deblend=True) needs scikit-image ({exc}); pip install scikit-image") from exc
+        except ValueError as exc:
+            deblend_error = str(exc)
+    if deblend_error is not None and warn:
         warnings.warn(f"source_mask: deblending failed ({deblend_error}); the undeblended segmentation is used",
                       FallbackWarning, stacklevel=3)
     if segm is None:
@@ -626,9 +639,10 @@ def _build_cutout(
             raise ValueError("mask_sources needs the PSF FWHM: pass mask_sources={'fwhm': ...} or an image with a 'fwhm' attribute")
         grow_mode = opts.pop("grow_mode", "pixels")
         smask = _source_mask_array(
-            img, bad, float(f), float(opts.pop("nsigma", 3.0)), int(opts.pop("npixels", 5)), bool(opts.pop("deblend", False)),
+            img, bad, float(f), check_positive("mask_sources['nsigma']", float(opts.pop("nsigma", 3.0))),
+            int(opts.pop("npixels", 5)), bool(opts.pop("deblend", False)),
             int(opts.pop("nlevels", 32)), float(opts.pop("contrast", 0.001)), float(opts.pop("grow", 2.0)), grow_mode,
-            bool(opts.pop("keep_center", True)), (xt, yt),
+            bool(opts.pop("keep_center", True)), (xt, yt), warn=warn,
         )[0]
         if opts:
             raise TypeError(f"mask_sources got unknown options {sorted(opts)}; see tilepipe.source_mask")
@@ -863,9 +877,9 @@ def _psf_stamp(psf: Any, x: float, y: float) -> np.ndarray:
 
 def _cutout_hdul(cut: xr.Dataset, psf: Any = None) -> fits.HDUList:
     cards = [c for c in cut.attrs.get("header", []) if c[0] not in ("EXTNAME", "EXTVER", "EXTLEVEL", "INHERIT")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-        return _cutout_hdul_inner(cut, cards_to_header(cards), psf)
+    # fit=True: no card astropy would warn about (HIERARCH made explicit, over-long comments cut
+    # as astropy cuts them on writing), so nothing needs silencing on the worker threads
+    return _cutout_hdul_inner(cut, cards_to_header(cards, fit=True), psf)
 
 
 def _cutout_hdul_inner(cut: xr.Dataset, hdr: fits.Header, psf: Any) -> fits.HDUList:
@@ -931,9 +945,7 @@ def write_cutout(
             raise ValueError(f"write_cutout needs a cutout Dataset with image, mask and sigma; '{v}' is missing")
     hdul = _cutout_hdul(cut, psf)
     buf = _io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-        hdul.writeto(buf, output_verify="silentfix")
+    hdul.writeto(buf, output_verify="silentfix")  # silentfix reports nothing; the cards fit (see _cutout_hdul)
     return _atomic_put(buf.getvalue(), os.fspath(path), storage_options, overwrite)
 
 
@@ -967,9 +979,8 @@ def _group_task(
     for row in rows:
         res = dict(row)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FallbackWarning)
-                cut = _build_cutout(region, row["x"], row["y"], ny, nx, partial, cards, attrs, **opts)
+            # opts holds warn=False: batch rows report through the table, not with warnings
+            cut = _build_cutout(region, row["x"], row["y"], ny, nx, partial, cards, attrs, **opts)
         except ValueError as exc:
             res.update(status="error", message=str(exc), path="")
             results.append(res)

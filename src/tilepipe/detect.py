@@ -36,6 +36,7 @@ indexed ``[y, x]``, mask True = bad.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import threading
@@ -458,6 +459,12 @@ def _extract_tasks(bundle: da.Array, jobs: list[tuple[tuple[int, int, int, int],
     return list(dask.compute(*tasks, optimize_graph=False))
 
 
+#: When set (by internal callers that treat the catalog as a by-product, e.g. PSF star detection),
+#: :func:`detect_sources` logs its own warnings at INFO instead of issuing them.  A context
+#: variable, not ``warnings.catch_warnings`` (process-global filters are not thread-safe).
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("tilepipe_detect_quiet", default=False)
+
+
 def _default_overlap(fwhm: float, kernel: np.ndarray | None) -> int:
     kh = 0 if kernel is None else kernel.shape[0] // 2
     return int(max(16, math.ceil(5.0 * fwhm) + kh + 2))
@@ -550,6 +557,12 @@ def detect_sources(
     """
     from .image import as_dataset, has_wcs, wcs
 
+    def warn(message: str, category: type[Warning]) -> None:
+        if _QUIET.get():
+            log.info("%s: %s", category.__name__, message)
+        else:
+            warnings.warn(message, category, stacklevel=3)  # the caller of detect_sources
+
     ds = as_dataset(ds)
     nsigma = check_positive("nsigma", nsigma)
     minarea = check_int("minarea", minarea, lower=1)
@@ -572,7 +585,16 @@ def detect_sources(
         ov = as_pair("overlap", overlap, lower=0)
     grid = make_grid(shape, None, nx, ny, ov)
     if overlap is not None:
-        grid.check_overlap(support, f"detect_sources (objects of FWHM {fwhm:g} px + filter)")
+        # TileGrid.check_overlap's test and message, issued through warn() (quiet, and the
+        # warning points at the caller of detect_sources)
+        oy, ox = grid.overlap
+        if (grid.ny > 1 and oy < support) or (grid.nx > 1 and ox < support):
+            warn(
+                f"overlap={grid.overlap} is smaller than the support ({support}, {support}) px of "
+                f"detect_sources (objects of FWHM {fwhm:g} px + filter): the tiled result will differ from the "
+                f"whole-image result near tile borders. Use overlap >= {support}.",
+                OverlapWarning,
+            )
 
     chunks = grid.chunks
     bkg, rms = _resolve_background(ds, background, grid.nx, grid.ny, chunks)
@@ -638,26 +660,26 @@ def detect_sources(
         )
     masked = [k for k, s in statuses.items() if s == "masked"]
     if masked:
-        warnings.warn(
+        warn(
             f"detect_sources: tiles {masked} are entirely masked (mask, NaN image or undefined background/noise); "
             "they contribute no sources",
-            FallbackWarning, stacklevel=2,
+            FallbackWarning,
         )
     for k, s in statuses.items():
         if s.startswith("failed"):
-            warnings.warn(
+            warn(
                 f"detect_sources: tile {k} ({grid.tile(k).core}) was left empty because sep failed: "
                 f"{s[len('failed: '):]}. Increase pixstack= / sub_object_limit=, raise nsigma, "
                 "or check the background subtraction.",
-                FallbackWarning, stacklevel=2,
+                FallbackWarning,
             )
     cat = merge_tables(tables, xcol="x", ycol="y", id_col="id")
     if len(cat) == 0:
         empty = _empty_catalog()
         empty["tile"] = np.zeros(0, dtype=np.int32)
         cat = merge_tables([empty], id_col="id")
-        warnings.warn("detect_sources found no sources; lower nsigma or minarea, or check the background",
-                      NoDetectionsWarning, stacklevel=2)
+        warn("detect_sources found no sources; lower nsigma or minarea, or check the background",
+             NoDetectionsWarning)
     for c in ("xpeak", "ypeak"):
         cat[c] = np.asarray(cat[c]).astype(np.int64)
     cut = (np.asarray(cat["flags"]) & FLAG_HALO_CUT) != 0
@@ -665,11 +687,11 @@ def detect_sources(
         kh = 0 if kernel is None else kernel.shape[0] // 2
         size = np.maximum(cat["xmax"] - cat["xmin"], cat["ymax"] - cat["ymin"])[cut]
         radius = int(np.ceil(np.max(size) / 2.0)) + kh + 2
-        warnings.warn(
+        warn(
             f"detect_sources: {int(cut.sum())} sources are still cut by a tile halo after {max_regrow} "
             f"regrowths (flag {FLAG_HALO_CUT}; largest radius about {radius} px): their tiled measurements "
             f"differ from a whole-image run. Use overlap >= {radius}, fewer tiles, or a larger max_regrow.",
-            OverlapWarning, stacklevel=2,
+            OverlapWarning,
         )
     order = ["id", "x", "y", "flux", "flux_err", "a", "b", "theta", "fwhm", "ellipticity", "peak", "npix",
              "flags", "tile"]
@@ -941,9 +963,13 @@ def _stamps(arr: np.ndarray, px: np.ndarray, py: np.ndarray, half: int, origin: 
 def _sky_subtract(st: np.ndarray, sky: Any) -> np.ndarray:
     if sky == "perimeter":
         per = np.concatenate([st[:, 0, :], st[:, -1, :], st[:, 1:-1, 0], st[:, 1:-1, -1]], axis=1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            level = np.nanmedian(per, axis=1)
+        # median of the non-NaN perimeter pixels; all-NaN perimeters get 0 without nanmedian's
+        # "All-NaN slice" warning (runs in tile tasks: no warnings.catch_warnings, not thread-safe)
+        level = np.full(per.shape[0], np.nan)
+        some = ~np.isnan(per).all(axis=1)
+        if some.any():
+            with np.errstate(invalid="ignore", over="ignore"):
+                level[some] = np.nanmedian(per[some], axis=1)
         return st - np.nan_to_num(level)[:, None, None]
     if sky is None:
         return st

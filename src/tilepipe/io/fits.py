@@ -140,6 +140,7 @@ def _opened(url: str, storage_options: dict[str, Any] | None) -> Iterator[Any]:
     astropy's per-card "invalid keyword" warnings are silenced here: such
     cards are kept as ``COMMENT`` cards by :func:`_clean_header`.
     """
+    # main thread only: read_fits/fits_hdu_names open files on the client while building the graph, before any compute
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_INVALID_CARD_MSG)
         hdul, fobj = _open_hdul(url, storage_options)
@@ -151,17 +152,104 @@ def _opened(url: str, storage_options: dict[str, Any] | None) -> Iterator[Any]:
                 fobj.close()
 
 
-def _open_hdul(url: str, storage_options: dict[str, Any] | None, *, scale: bool = True):
-    """Open a FITS file lazily; returns ``(hdulist, fileobj_or_None)``."""
+_CARD = 80
+
+
+def _invalid_card(card: bytes) -> bool:
+    """True for an 80-byte header card astropy parses as "invalid or non-standard keyword" (and warns).
+
+    The rule of ``astropy.io.fits.Card._parse_keyword``: commentary keywords,
+    ``HIERARCH`` cards with an ``=`` and cards with ``"= "`` in columns 1-9
+    are fine; anything else is invalid.
+    """
+    text = card.decode("ascii", "replace")
+    key = text[:8].strip().upper()
+    if key in ("", "COMMENT", "HISTORY", "END", "CONTINUE"):
+        return False
+    if key == "HIERARCH" and text[8:9] == " " and "=" in text:
+        return False
+    return not 0 <= text.find("= ") <= 8
+
+
+class _CleanHeadersFile:
+    """Read-only file wrapper that blanks the invalid cards of the given header byte spans.
+
+    astropy warns once per invalid card each time it parses a header; a chunk
+    task must not silence that (``warnings.catch_warnings`` is not
+    thread-safe), so the cards are replaced by blank cards as astropy reads
+    them.  Only headers are touched; the data bytes pass unchanged.
+    """
+
+    mode = "rb"
+
+    def __init__(self, f: Any, spans: Sequence[tuple[int, int]], name: str) -> None:
+        self._f = f
+        self._spans = [(int(a), int(b)) for a, b in spans]
+        self.name = name
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self._f, "closed", False))
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._f.close()
+
+    def read(self, size: int | None = -1) -> bytes:
+        pos = self._f.tell()
+        data = self._f.read(-1 if size is None else size)
+        end = pos + len(data)
+        out = None
+        for a, b in self._spans:
+            lo, hi = max(a, pos), min(b, end)
+            if lo >= hi:
+                continue
+            first = a + (lo - a) // _CARD * _CARD
+            for c in range(first, hi, _CARD):
+                if c >= pos and c + _CARD <= end:
+                    card = data[c - pos:c - pos + _CARD]
+                else:  # a card cut by the read: look at all of it, then come back
+                    self._f.seek(c)
+                    card = self._f.read(_CARD)
+                    self._f.seek(end)
+                if len(card) == _CARD and _invalid_card(card):
+                    if out is None:
+                        out = bytearray(data)
+                    s0, s1 = max(c, pos) - pos, min(c + _CARD, end) - pos
+                    out[s0:s1] = b" " * (s1 - s0)
+        return data if out is None else bytes(out)
+
+
+def _open_hdul(url: str, storage_options: dict[str, Any] | None, *, scale: bool = True,
+               header_spans: Sequence[tuple[int, int]] | None = None):
+    """Open a FITS file lazily; returns ``(hdulist, fileobj_or_None)``.
+
+    ``header_spans``: byte ranges ``(start, end)`` of headers holding cards
+    astropy cannot parse; they are read through :class:`_CleanHeadersFile`
+    (no memory map), so that opening warns nothing.
+    """
     lp = _fs.local_path(url)
     kw = {"lazy_load_hdus": True, "do_not_scale_image_data": not scale}
     try:
-        if lp is not None:
+        if lp is not None and not header_spans:
             return fits.open(lp, memmap=True, **kw), None
         fs, path = _fs.get_fs(url, storage_options)
         magic = fs.cat_file(path, start=0, end=3)
         comp = "gzip" if magic[:2] == b"\x1f\x8b" else "bz2" if magic == b"BZh" else None
         f = fs.open(path, "rb", block_size=2**16, cache_type="readahead", compression=comp)
+        if header_spans:
+            f = _CleanHeadersFile(f, header_spans, str(path))
         try:
             hdul = fits.open(f, memmap=False, **kw)
             hdul._tp_compression = comp  # astropy sees the decompressed stream
@@ -235,7 +323,7 @@ class FitsChunkReader:
 
     def __init__(self, url: str, index: int, shape: tuple[int, int], nlead: int, bitpix: int, header: fits.Header,
                  mode: str, data_offset: int, storage_options: dict[str, Any] | None,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, header_spans: Sequence[tuple[int, int]] | None = None) -> None:
         self.url = url
         self.index = index
         self.shape = shape
@@ -249,6 +337,8 @@ class FitsChunkReader:
         self.mode = mode  # "raw" (byte offsets) or "section" (astropy section)
         self.compression = compression  # whole-file compression (fsspec name) in "raw" mode
         self.data_offset = data_offset
+        # "section" mode: byte spans of headers with cards astropy cannot parse (see _open_hdul)
+        self.header_spans = [tuple(s) for s in header_spans] if header_spans else None
         self.storage_options = dict(storage_options or {})
         self._local = _fs.local_path(url)
         self._state: dict[str, Any] = {}
@@ -350,9 +440,9 @@ class FitsChunkReader:
         with self._lock:  # one open file per reader; astropy file access is not thread-safe
             hdul = self._state.get("hdul")
             if hdul is None:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_INVALID_CARD_MSG)
-                    hdul, fobj = _open_hdul(self.url, self.storage_options, scale=False)
+                # no warnings.catch_warnings here (not thread-safe): headers with invalid cards
+                # are read through _CleanHeadersFile, so parsing them warns nothing
+                hdul, fobj = _open_hdul(self.url, self.storage_options, scale=False, header_spans=self.header_spans)
                 self._state["hdul"], self._state["fobj"] = hdul, fobj
             sec = hdul[self.index].section
             key = (0,) * self.nlead + (ys, xs)
@@ -376,12 +466,17 @@ def _lazy_hdu(hdul: Any, idx: int, url: str, chunks: Any, storage_options: dict[
     nlead = len(full) - 2
     file_comp = getattr(hdul, "_tp_compression", None) or _COMPRESSED_FILE.get(
         getattr(hdul.fileinfo(idx)["file"], "compression", None))
+    spans = None
     if isinstance(h, fits.CompImageHDU):
         mode, offset = "section", -1
+        # a chunk task re-opens the file and parses the headers of HDUs 0..idx again: tell it
+        # where the invalid cards are, so that it can read them blanked instead of warning
+        if any(getattr(c, "_invalid", False) for j in range(idx + 1) for c in hdul[j].header.cards):
+            spans = [(int(hdul.fileinfo(j)["hdrLoc"]), int(hdul.fileinfo(j)["datLoc"])) for j in range(idx + 1)]
     else:
         mode, offset = "raw", int(hdul.fileinfo(idx)["datLoc"])
     bitpix = int(header["BITPIX"])
-    reader = FitsChunkReader(url, idx, shape, nlead, bitpix, header, mode, offset, storage_options, file_comp)
+    reader = FitsChunkReader(url, idx, shape, nlead, bitpix, header, mode, offset, storage_options, file_comp, spans)
     name = f"fits-{dask.base.tokenize(url, idx, shape, offset, reader.dtype.str, _fs.json_safe(storage_options or {}), _mtime(url))}"
     arr = da.from_array(
         reader, chunks=_default_chunks(chunks, shape), name=name, lock=False, asarray=False, fancy=False,
@@ -403,6 +498,7 @@ def _clean_header(header: fits.Header, url: str) -> fits.Header:
     out = fits.Header()
     bad = 0
     for card in header.cards:
+        # main thread only: called by _lazy_hdu inside _opened, on the client before any compute
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -556,9 +652,9 @@ def _primary_cards(ds: xr.Dataset, params: Any) -> fits.Header:
     from .. import __version__
     from ..image import cards_to_header
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-        hdr = cards_to_header(ds.attrs.get("header", []))
+    # fit=True: no card astropy warns about when building or writing the header (explicit HIERARCH,
+    # comments cut as astropy cuts them), so nothing needs silencing
+    hdr = cards_to_header(ds.attrs.get("header", []), fit=True)
     for key, attr, comment in (
         ("GAIN", "gain", "[e-/ADU] gain"),
         ("SATURATE", "saturation", "saturation level (image units)"),

@@ -321,6 +321,7 @@ def _write_store(ds: xr.Dataset, url: str, storage_options: dict[str, Any] | Non
     root_store = _store(url, storage_options, read_only=False)
     zarr.create_group(root_store, attributes=attrs, zarr_format=3)  # the completion marker
     if consolidated:
+        # main thread only: client-side write_zarr, after da.store finished; zarr 3 always warns here
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_CONSOLIDATED_MSG)
             zarr.consolidate_metadata(root_store)

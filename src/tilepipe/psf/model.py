@@ -357,19 +357,20 @@ def _resolve_stars(ds, stars, size, nx, ny, overlap, select_kwargs):
 
 
 def detect_for_psf(ds, *, nx: int = 1, ny: int | None = None, nsigma: float = 5.0) -> Table:
-    """Detect sources for PSF building: :func:`tilepipe.detect_sources` when it is available,
-    else a local sep extraction per tile (background-subtracted, ownership-merged)."""
+    """Detect sources for PSF building: :func:`tilepipe.detect_sources` (its warnings logged at INFO,
+    not issued), or, if that fails, a local sep extraction per tile (background-subtracted,
+    ownership-merged)."""
+    from .. import detect
+
+    # detect_sources with its own warnings logged instead of issued (detect._QUIET), not silenced
+    # with warnings.catch_warnings: that is not thread-safe, and here it would span a dask computation
+    token = detect._QUIET.set(True)
     try:
-        from ..detect import detect_sources
-    except ImportError:  # pragma: no cover - depends on the checkout
-        detect_sources = None
-    if detect_sources is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return detect_sources(ds, nsigma=nsigma, nx=nx, ny=ny)
-        except Exception as exc:  # noqa: BLE001 - fall back to sep below, but say why
-            log.warning("tilepipe.detect_sources failed (%s); using the local sep fallback", exc)
+        return detect.detect_sources(ds, nsigma=nsigma, nx=nx, ny=ny)
+    except Exception as exc:  # noqa: BLE001 - fall back to sep below, but say why
+        log.warning("tilepipe.detect_sources failed (%s); using the local sep fallback", exc)
+    finally:
+        detect._QUIET.reset(token)
     return _sep_detect(ds, nx=nx, ny=ny, nsigma=nsigma)
 
 
