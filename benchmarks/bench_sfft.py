@@ -136,7 +136,9 @@ def run_one(method: str, size: int, w: int) -> dict:
                                            KerPolyOrder=2, BGPolyOrder=2, ConstPhotRatio=True,
                                            BACKEND_4SUBTRACT="Numpy", NUM_CPU_THREADS_4SUBTRACT=2, VERBOSE_LEVEL=0)
             out["time"] = time.perf_counter() - t0
-        diff = np.asarray(diff).T if np.asarray(diff).shape != new.shape else np.asarray(diff)
+        # the sfft package works on arrays indexed [x, y] (FITS axis order): transpose back to [y, x]
+        # (a square image has the same shape either way, so this must not depend on the shape)
+        diff = np.asarray(diff).T
         noise = np.load(os.environ["BENCH_NOISE"])
         out.update(_metrics(pair, diff / noise, ~(noise > 0)))
         out["ratio"] = float("nan")
