@@ -111,6 +111,7 @@ def run_photutils(path, truth):
 
 def _import_modules():
     """Import what a detection task needs (the peers' imports are outside their clocks too)."""
+    import distributed  # noqa: F401  (dask imports it at the first compute, to look for a client: ~0.5 s)
     import scipy.ndimage  # noqa: F401
     import sep  # noqa: F401
 

@@ -80,6 +80,7 @@ def run_one(method: str, size: int, w: int) -> dict:
     if method.startswith("tilepipe"):
         import dask
 
+        import distributed  # noqa: F401  (dask imports it at the first compute, to look for a client: ~0.5 s)
         import scipy.fft  # noqa: F401  (imports outside the clock, as for the peers)
         import scipy.linalg  # noqa: F401
         import scipy.ndimage  # noqa: F401
