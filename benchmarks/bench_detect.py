@@ -139,8 +139,10 @@ def run_tilepipe(path, truth, workers, size):
 
     from distributed import Client, LocalCluster
 
-    import dask, tilepipe.cluster  # noqa: E401
-    dask.config.set(tilepipe.cluster.WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
+    import tilepipe.cluster
+
+    if not os.environ.get("TILEPIPE_BENCH_DASK_DEFAULT_ENV"):
+        dask.config.set(tilepipe.cluster.WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
     try:
@@ -185,11 +187,16 @@ def main():
                     help="LocalCluster worker counts; 0 = synchronous scheduler in one process")
     ap.add_argument("--peers", nargs="+", default=["sep", "photutils"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dask-default-env", action="store_true",
+                    help="start workers with distributed's default environment (MALLOC_TRIM_THRESHOLD_=65536) "
+                         "instead of tilepipe.cluster.WORKER_ENVIRON, to measure what that setting costs")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--input", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--truth", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.dask_default_env:
+        os.environ["TILEPIPE_BENCH_DASK_DEFAULT_ENV"] = "1"  # read by the child processes
     if args.child:
         args.method = args.child
         args.workers = args.workers[0]

@@ -154,8 +154,10 @@ def run_tilepipe(paths: list[str], size: int, out: str, budget_mb: int, tile: in
 
     import tilepipe as tp
 
-    import dask, tilepipe.cluster  # noqa: E401
-    dask.config.set(tilepipe.cluster.WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
+    import dask
+    from tilepipe.cluster import WORKER_ENVIRON
+
+    dask.config.set(WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=f"{budget_mb}MB",
                            dashboard_address=":0")
     client = Client(cluster)

@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         _make_night(root, args.size, args.n_exposures)
         print(f"made {args.n_exposures} exposures of {args.size}² in {time.perf_counter() - t0:.1f} s", flush=True)
         for nw in args.workers:
-            import dask, tilepipe.cluster  # noqa: E401
-            dask.config.set(tilepipe.cluster.WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
+            import dask
+            from tilepipe.cluster import WORKER_ENVIRON
+
+            dask.config.set(WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
             with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, \
                     Client(cl) as client:
                 warm = _config(root, os.path.join(root, f"warm{nw}"), os.path.join(root, "warmup.fits"), args.tiles)

@@ -218,8 +218,10 @@ def run_tilepipe(d: str, nx: int, mode: str, fft: bool) -> dict:
     if kind == "workers":
         from distributed import Client, LocalCluster
 
-        import dask, tilepipe.cluster  # noqa: E401
-        dask.config.set(tilepipe.cluster.WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
+        import dask
+        from tilepipe.cluster import WORKER_ENVIRON
+
+        dask.config.set(WORKER_ENVIRON)  # the worker environment tilepipe's CLI uses
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=50)
         client = Client(cluster)

@@ -258,7 +258,7 @@ def test_singular_system_falls_back_to_lower_order():
         res = sfft_subtract(new, ref, kernel_half_width=3, new_fwhm=3.0, ref_fwhm=1.0, new_var=np.ones((n, n)),
                             ref_var=np.full((n, n), 1e-4), subtract_background=False)
     assert res.attrs["kernel_poly_order"] < 2
-    assert abs(res.attrs["flux_ratio"] - 1.2) < 0.05
+    assert abs(res.attrs["flux_ratio"] - 1.2) < 0.02  # measured -0.9 % (one star, unit noise)
 
 
 def test_bad_arguments():

@@ -25,9 +25,10 @@ __all__ = ["get_client", "client_context", "progress", "WORKER_ENVIRON"]
 #: ``dask.config.set(tilepipe.cluster.WORKER_ENVIRON)``).  distributed sets ``MALLOC_TRIM_THRESHOLD_=65536``
 #: in workers to return freed memory to the OS at once; setting it also switches off glibc's dynamic
 #: mmap threshold, so every large temporary array of a tile task is mapped, zeroed and unmapped
-#: afresh.  For tile tasks that allocate many image-sized temporaries this costs 15–50 % of the wall
-#: time (measured: detection of a 4k image 8.9 → 7.5 s; a 4k mosaic 24 → 11 s); glibc's defaults
-#: keep it.  Peak memory per worker stays bounded by the tile size either way.
+#: afresh.  For tile tasks that allocate many image-sized temporaries that costs a lot of wall time
+#: (``python benchmarks/bench_detect.py --sizes 4096 --workers 1 --peers sep [--dask-default-env]``:
+#: 3.84 s with this setting, 5.74 s with distributed's default).  Peak memory per worker stays bounded
+#: by the tile size either way.
 WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 

@@ -734,7 +734,9 @@ def _apply_tile(t_img, s_img, t_bad, s_bad, t_var, s_var, *, tile, cfg: _Config,
     """Difference, convolved image, noise, scaled, mask, kernel sum, background for one core."""
     g = _Grid(tile, cfg)
     t, s, tb, sb = _prepare(g, cfg, t_img, s_img, t_bad, s_bad, fit=False)
-    conv, bg = _model_parts(g, cfg, s, c, gamma)
+    # without bad S pixels the unmasked S is the fitted S: reuse the fit passes' spectra (same cache key)
+    fhat = None if sb.any() else _modulated_spectra(g, cfg, s, s_img, s_bad, tile)
+    conv, bg = _model_parts(g, cfg, s, c, gamma, fhat)
     tv = g.embed(np.asarray(t_var, dtype=np.float64), 0.0)
     sv = g.embed(np.asarray(s_var, dtype=np.float64), 0.0)
     tv[~np.isfinite(tv)] = 0.0
@@ -796,12 +798,7 @@ def _matched_filter(g, cfg, t, conv, bg, tv, sv, ksum, bad, a) -> np.ndarray:
     corr_local = g.irfft(g.rfft(w * w * np.where(ok, vs, 0.0)) * g.kernel_fft(p2 / p2.sum()))
     terms = cfg.kterms
     pa = [_conv_full(psf, a[q]) for q in range(len(terms))]
-    coeffs: dict[tuple[int, int], float] = {}
-    for q, (i, j) in enumerate(terms):
-        for qq, (k, l) in enumerate(terms):
-            e = (i + k, j + l)
-            coeffs[e] = coeffs.get(e, 0.0) + float(np.sum(pa[q] * pa[qq]))
-    gam = g.poly(coeffs)
+    gam = _kernel_power(g, cfg, np.stack(pa))  # sum_u (P ⊛ k_x)(u)²: the kernel power of P ⊛ a
     den2 = white + gam * corr_local
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(den2 > 0, num / np.sqrt(np.clip(den2, 1e-300, None)), 0.0)
