@@ -212,12 +212,15 @@ def mesh_background(
     return bkg, rms
 
 
-def background_model(ds: Any, *, mesh: int = 64, use_module: bool = True) -> tuple[da.Array, da.Array, str]:
+def background_model(ds: Any, *, mesh: int = 64, use_module: bool = True, nx: int = 1,
+                     ny: int = 1) -> tuple[da.Array, da.Array, str]:
     """Background and rms maps of an image Dataset: ``(background, rms, method)``.
 
     Uses :func:`tilepipe.estimate_background` (the background module) when it
     is installed and ``use_module`` is True, otherwise :func:`mesh_background`
     (same idea: sigma-clipped mesh, median filter, spline; whole-image model).
+    ``nx, ny``: tiles for the mesh statistics, as many tasks run in parallel
+    (cut to what the mesh grid allows; the maps do not depend on them).
     """
     if use_module:
         try:
@@ -230,7 +233,9 @@ def background_model(ds: Any, *, mesh: int = 64, use_module: bool = True) -> tup
             estimate_background = None
         if estimate_background is not None:
             try:
-                out = estimate_background(ds)
+                h, w = ds["image"].shape
+                out = estimate_background(ds, mesh=mesh, nx=max(1, min(nx, w // (2 * mesh))),
+                                          ny=max(1, min(ny, h // (2 * mesh))))
                 return out["background"].data.astype(np.float32), out["rms"].data.astype(np.float32), "estimate_background"
             except Exception as exc:  # colleague's module failed: documented fallback
                 warnings.warn(

@@ -894,8 +894,10 @@ def zogy_subtract(
     # ---------------------------------------------------------- background
     # estimate_background reads each image once for its mesh statistics; the
     # maps stay lazy and are evaluated exactly once, in the persist below.
-    bkg_n, rms_n, bmeth = nz.background_model(new, mesh=mesh)
-    bkg_r, rms_r, _ = nz.background_model(ref, mesh=mesh)
+    # mesh statistics one task per input chunk (parallel, no rechunk of the persisted image)
+    bny, bnx = len(img_n.chunks[0]), len(img_n.chunks[1])
+    bkg_n, rms_n, bmeth = nz.background_model(new, mesh=mesh, nx=bnx, ny=bny)
+    bkg_r, rms_r, _ = nz.background_model(ref, mesh=mesh, nx=bnx, ny=bny)
     if subtract_background:
         N = (img_n - bkg_n.rechunk(img_n.chunks)).astype(np.float32)
         R = (img_r - bkg_r.rechunk(img_n.chunks)).astype(np.float32)
