@@ -14,6 +14,13 @@ Metrics (against the truth of make_pair):
   star_rms rms of ``scaled`` within 2 FWHM of stars with 100 < S/N < 1000 (lower is better)
   ratio    fitted flux ratio / truth - 1 (tilepipe: kernel sum; stdpipe: flux polynomial at the centre)
   found    transients with S/N > 8 recovered at 5 sigma (matched-filter S/N, tilepipe only)
+tilepipe runs with tiles of about 1024² (the size where one tile's FFTs stay
+cache-friendly; the tiled solution equals the whole-image one, see
+tests/test_sfft.py): ``tilepipe-1`` on one thread (one tile at 1k, 2×2 at
+2k, 4×4 at 4k), ``tilepipe-2`` on two threads (at least 2×2 tiles).  The
+sfft package runs with 2 CPU threads; stdpipe with NumPy's BLAS on 2
+threads.
+
 Peers without a noise map (the sfft package) are scaled with tilepipe's
 propagated noise map of the same pair, so ``std``/``star_rms`` compare the
 differences themselves.
@@ -89,7 +96,8 @@ def run_one(method: str, size: int, w: int) -> dict:
         from tilepipe.subtract.transients import find_transients
 
         workers = int(method.split("-")[1])
-        tiles = 1 if workers == 1 else 2
+        tiles = max(1 if workers == 1 else 2, -(-size // 1024))  # tiles of about 1024^2
+        out["tiles"] = f"{tiles}x{tiles}"
         t0 = time.perf_counter()
         with dask.config.set(scheduler="threads", num_workers=workers):
             res = sfft_subtract(pair.new, pair.ref, kernel_half_width=w, nx=tiles, ny=tiles).compute()
@@ -187,6 +195,21 @@ def main() -> None:
         print(f"| {r['size']} | {r['method']} | {r['time']:.1f} | {r['time'] / rt if rt else float('nan'):.1f} | "
               f"{r['peak_mb']:.0f} | {r['std']:.3f} | {r['star_rms']:.2f} | {r['ratio'] * 100:+.2f}% | "
               f"{r.get('found', '–')} | {r.get('false_per_mpix', float('nan')):.1f} |")
+    # the targets: peer wall time / tilepipe wall time (speed-up) and tilepipe peak / sfft-package peak
+    print("\n| size | tilepipe | vs stdpipe run_sfft | vs sfft package | peak memory / sfft package's |")
+    print("|---|---|---|---|---|")
+    by = {(r["size"], r["method"]): r for r in rows if "time" in r}
+    for size in args.sizes:
+        for m in ("tilepipe-1", "tilepipe-2"):
+            if (size, m) not in by:
+                continue
+            t = by[(size, m)]
+            cells = [f"{by[(size, p)]['time'] / t['time']:.1f}x" if (size, p) in by else "not run / failed"
+                     for p in ("stdpipe", "sfft")]
+            mem = (f"{t['peak_mb'] / by[(size, 'sfft')]['peak_mb']:.3f}" if (size, "sfft") in by
+                   else "–")
+            print(f"| {size} | {m} ({t['tiles']} tiles) | {cells[0]} | {cells[1]} | {mem} |")
+    print(f"\n1/5/15-min load average at the end: {'/'.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

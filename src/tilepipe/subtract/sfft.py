@@ -917,8 +917,8 @@ def sfft_subtract(
         Sigma-clipping iterations after the first fit.
     em_iter, tol : int, float
         At most ``em_iter`` further iterations after ``max_iter``; the loop
-        stops once the number of clipped pixels is stable and the coefficients
-        change by less than ``tol`` (the largest change relative to the largest
+        stops once the number of clipped pixels is stable (changed by at most
+        one pixel or 0.1 %) and the coefficients change by less than ``tol`` (the largest change relative to the largest
         coefficient).  Each iteration also moves the imputation of excluded
         pixels towards the exact masked fit.  The default 1e-4 is far below the
         coefficients' statistical errors: on the 1k test pair the flux ratio
@@ -1215,7 +1215,7 @@ def _fit(arrays, grid, cfg, const, ridge, max_iter, em_iter, tol):
         theta = new_theta
         coef = _coefficients(system, G, theta, cfg)
         log.debug("sfft iteration %d: %d fit pixels, %d clipped, change %.3g", n_iter, n_good, n_clip, change)
-        clip_stable = last_clip is not None and n_clip == last_clip
+        clip_stable = last_clip is not None and abs(n_clip - last_clip) <= max(1, 1e-3 * last_clip)
         last_clip = n_clip
         if (clip_stable or it >= max_iter) and change < tol:
             break
