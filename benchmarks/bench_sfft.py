@@ -9,6 +9,12 @@ Usage (peers live in /work/benchvenv, see benchmarks/requirements-sfft.txt)::
     /work/benchvenv/bin/python benchmarks/bench_sfft.py --sizes 1024 --half-width 3
     /work/benchvenv/bin/python benchmarks/bench_sfft.py --sizes 1024 2048 --methods tilepipe-1 tilepipe-2
 
+The sfft package needs ~5 GB at 1k and more than 22 GB at 2k; on a 24 GB
+machine cap the address space so that it fails with a MemoryError instead
+of exhausting the machine (the README's run)::
+
+    prlimit --as=22000000000 /work/benchvenv/bin/python benchmarks/bench_sfft.py --sizes 1024 2048 4096
+
 Metrics (against the truth of make_pair):
   std      robust std of ``scaled`` in source-free pixels (ideal 1.0)
   star_rms rms of ``scaled`` within 2 FWHM of stars with 100 < S/N < 1000 (lower is better)
@@ -189,7 +195,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['size']} | {r['method']} | failed: {r['error'][:80]} |||||||| |")
+            last = (r["error"].strip().splitlines() or ["?"])[-1]  # e.g. the MemoryError line
+            print(f"| {r['size']} | {r['method']} | failed: {last[:110]} |||||||| |")
             continue
         rt = ref_time.get(r["size"])
         print(f"| {r['size']} | {r['method']} | {r['time']:.1f} | {r['time'] / rt if rt else float('nan'):.1f} | "

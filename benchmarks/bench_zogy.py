@@ -388,6 +388,16 @@ def main() -> None:
         print(f"| {size} | {name} | {r['wall']:.2f} | {sp} | {r.get('cpu', float('nan')):.1f} | {r['peak_mb']:.0f} | "
               f"{mr} | {ff} | {r['load']} | {r['std']:.3f} | {100 * r['stars>5']:.2f}% | {100 * r['compl']:.1f}% | "
               f"{r['false/MP']:.2f} | {r['flux']:.3f} | {r['pull']:.2f} |")
+    # the scaling target: wall time of one worker (thread) / two workers (threads), nx=4
+    print("\n| size | 1 → 2 workers (nx=4) | 1 → 2 threads (nx=4) |\n|---|---|---|")
+    walls = {(size, name): r.get("wall") for size, name, r, _, _ in rows}
+    for size in args.sizes:
+        cells = []
+        for one, two in (("tilepipe nx=4 (1 worker)", "tilepipe nx=4 (2 workers)"),
+                         ("tilepipe nx=4 (1 thread)", "tilepipe nx=4 (2 threads)")):
+            a, b = walls.get((size, one)), walls.get((size, two))
+            cells.append(f"{a / b:.2f}x" if a and b else "-")
+        print(f"| {size} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

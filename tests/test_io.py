@@ -669,3 +669,29 @@ def test_nonstandard_cards_kept_as_comments(shared_data, tmp_path):
         warnings.filterwarnings("ignore", message="The following header keyword is invalid")
         ref = fits.getdata(src).astype(np.float32)
     np.testing.assert_array_equal(back["image"].values, ref)
+
+
+@pytest.mark.parametrize("shape", [(300, 400), (2048, 2048)])
+def test_default_variance_not_inflated_by_a_sky_gradient(tmp_path, shape):
+    """The default variance of a FITS image is the sky noise, not noise + the spread of a sky ramp.
+
+    Sky 200 ADU with a ±20 ADU ramp across x (a global MAD of the values would
+    give ~ 100 + 133 ADU²), Gaussian noise sigma 10, a few bright stars, GAIN = 2:
+    sky pixels must get 100 ADU² plus at most the ramp's own Poisson term
+    ((image - sky) / gain <= 10 ADU²).  Both sample strides (1 and 4) are covered.
+    """
+    rng = np.random.default_rng(5)
+    h, w = shape
+    ramp = 200.0 + 20.0 * (np.arange(w) / (w - 1) * 2 - 1)
+    img = ramp[None, :] + rng.normal(0.0, 10.0, shape)
+    ys, xs = rng.integers(10, h - 10, 30), rng.integers(10, w - 10, 30)
+    img[ys, xs] += 5000.0
+    hdr = fits.Header()
+    hdr["GAIN"] = 2.0
+    path = str(tmp_path / "ramp.fits")
+    fits.writeto(path, img.astype(np.float32), hdr)
+    var = tp.open_image(path)["variance"].values
+    sky_var = var[:, : w // 2]  # the fainter half: (image - sky) clipped to 0 except noise upwards
+    assert abs(np.median(sky_var) / 100.0 - 1) < 0.05, np.median(sky_var)
+    # the variance floor is sigma_sky^2 itself: 100 ADU^2 within 3 %
+    assert abs(var.min() / 100.0 - 1) < 0.03, var.min()
