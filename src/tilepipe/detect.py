@@ -557,11 +557,11 @@ def detect_sources(
     """
     from .image import as_dataset, has_wcs, wcs
 
-    def warn(message: str, category: type[Warning]) -> None:
+    def warn(message: str, category: type[Warning], stacklevel: int = 3) -> None:
         if _QUIET.get():
             log.info("%s: %s", category.__name__, message)
         else:
-            warnings.warn(message, category, stacklevel=3)  # the caller of detect_sources
+            warnings.warn(message, category, stacklevel=stacklevel)  # the caller of detect_sources
 
     ds = as_dataset(ds)
     nsigma = check_positive("nsigma", nsigma)
@@ -584,17 +584,9 @@ def detect_sources(
     else:
         ov = as_pair("overlap", overlap, lower=0)
     grid = make_grid(shape, None, nx, ny, ov)
-    if overlap is not None:
-        # TileGrid.check_overlap's test and message, issued through warn() (quiet, and the
-        # warning points at the caller of detect_sources)
-        oy, ox = grid.overlap
-        if (grid.ny > 1 and oy < support) or (grid.nx > 1 and ox < support):
-            warn(
-                f"overlap={grid.overlap} is smaller than the support ({support}, {support}) px of "
-                f"detect_sources (objects of FWHM {fwhm:g} px + filter): the tiled result will differ from the "
-                f"whole-image result near tile borders. Use overlap >= {support}.",
-                OverlapWarning,
-            )
+    if overlap is not None:  # through warn(): quiet when asked, pointing at the caller of detect_sources
+        grid.check_overlap(support, f"detect_sources (objects of FWHM {fwhm:g} px + filter)",
+                           warn=lambda m, c: warn(m, c, stacklevel=5))
 
     chunks = grid.chunks
     bkg, rms = _resolve_background(ds, background, grid.nx, grid.ny, chunks)

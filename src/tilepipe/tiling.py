@@ -262,28 +262,30 @@ class TileGrid:
         return np.minimum(dy[:, None], dx[None, :])
 
     # ------------------------------------------------------------- validation
-    def check_overlap(self, support: int | Sequence[int], what: str = "this operation") -> bool:
+    def check_overlap(self, support: int | Sequence[int], what: str = "this operation",
+                      warn: Callable[[str, type[Warning]], None] | None = None) -> bool:
         """Warn when ``overlap`` is smaller than an operation's support radius.
 
         Returns True when the overlap is sufficient for tile invariance.
+        ``warn(message, category)`` replaces :func:`warnings.warn` (e.g. to
+        log instead, or to point the warning at another caller).
         """
         sy, sx = as_pair("support", support, lower=0)
         oy, ox = self.overlap
-        ok = True
         if (self.ny > 1 and oy < sy) or (self.nx > 1 and ox < sx):
-            import warnings
-
             from .exceptions import OverlapWarning
 
-            warnings.warn(
-                f"overlap={self.overlap} is smaller than the support ({sy}, {sx}) px of {what}: "
-                f"the tiled result will differ from the whole-image result near tile borders. "
-                f"Use overlap >= {max(sy, sx)}.",
-                OverlapWarning,
-                stacklevel=3,
-            )
-            ok = False
-        return ok
+            message = (f"overlap={self.overlap} is smaller than the support ({sy}, {sx}) px of {what}: "
+                       f"the tiled result will differ from the whole-image result near tile borders. "
+                       f"Use overlap >= {max(sy, sx)}.")
+            if warn is None:
+                import warnings
+
+                warnings.warn(message, OverlapWarning, stacklevel=3)
+            else:
+                warn(message, OverlapWarning)
+            return False
+        return True
 
     def _check_engine(self) -> None:
         oy, ox = self.overlap

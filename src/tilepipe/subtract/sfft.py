@@ -211,23 +211,24 @@ class _Grid:
         """The monomial ``x̂^i ŷ^j`` on the grid."""
         return np.outer(self.yh**j, self.xh**i)
 
+    def _powers(self, terms: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``Y[y, j] = ŷ^j`` and ``X[x, i] = x̂^i`` up to the highest powers in ``terms``."""
+        terms = list(terms)
+        ni = max((i for i, _ in terms), default=0) + 1
+        nj = max((j for _, j in terms), default=0) + 1
+        return self.yh[:, None] ** np.arange(nj)[None, :], self.xh[:, None] ** np.arange(ni)[None, :]
+
     def poly(self, coeffs: dict[tuple[int, int], float]) -> np.ndarray:
         """``sum c_ij x̂^i ŷ^j`` on the grid, as one separable product ``Y @ C @ X.T`` (no per-term images)."""
-        ni = max((i for i, _ in coeffs), default=0) + 1
-        nj = max((j for _, j in coeffs), default=0) + 1
-        C = np.zeros((nj, ni))
+        Y, X = self._powers(coeffs)
+        C = np.zeros((Y.shape[1], X.shape[1]))
         for (i, j), v in coeffs.items():
             C[j, i] += v
-        Y = self.yh[:, None] ** np.arange(nj)[None, :]
-        X = self.xh[:, None] ** np.arange(ni)[None, :]
         return (Y @ C) @ X.T
 
     def moments(self, img: np.ndarray, terms: list[tuple[int, int]]) -> np.ndarray:
         """``sum_x img(x) x̂^i ŷ^j`` for each term, from one ``Y.T @ img @ X`` product."""
-        ni = max(i for i, _ in terms) + 1
-        nj = max(j for _, j in terms) + 1
-        Y = self.yh[:, None] ** np.arange(nj)[None, :]
-        X = self.xh[:, None] ** np.arange(ni)[None, :]
+        Y, X = self._powers(terms)
         M = (Y.T @ img) @ X
         return np.array([M[j, i] for (i, j) in terms])
 
@@ -774,9 +775,7 @@ def _apply_tile(t_img, s_img, t_bad, s_bad, t_var, s_var, *, tile, cfg: _Config,
     sl = g.core_sl
     # PSF-matched-filter S/N of the difference (Gaussian of the larger FWHM), for detection
     scorr = _matched_filter(g, cfg, t, conv, bg, tv, sv, ksum, bad, a)[sl].copy()
-    t, conv, bg, ksum_full, bad = t[sl].copy(), conv[sl].copy(), bg[sl].copy(), ksum, bad[sl].copy()
-    ksum = ksum_full[sl].copy()
-    del ksum_full
+    t, conv, bg, ksum, bad = (a[sl].copy() for a in (t, conv, bg, ksum, bad))  # cores; grids released
     var = tv[sl] + _model_variance(g, cfg, sv, c)[sl]
     del tv, sv
     if not cfg.swap:  # T = new, S = ref: diff = new - K (x) ref - B
@@ -918,11 +917,12 @@ def sfft_subtract(
     em_iter, tol : int, float
         At most ``em_iter`` further iterations after ``max_iter``; the loop
         stops once the number of clipped pixels is stable (changed by at most
-        one pixel or 0.1 %) and the coefficients change by less than ``tol`` (the largest change relative to the largest
-        coefficient).  Each iteration also moves the imputation of excluded
-        pixels towards the exact masked fit.  The default 1e-4 is far below the
-        coefficients' statistical errors: on the 1k test pair the flux ratio
-        moves by 3e-7 (relative) between ``tol=1e-4`` and ``tol=1e-6``.
+        one pixel or 0.1 %) and the coefficients change by less than ``tol``
+        (the largest change relative to the largest coefficient).  Each
+        iteration also moves the imputation of excluded pixels towards the
+        exact masked fit.  The default 1e-4 is far below the coefficients'
+        statistical errors: on the 1k test pair the flux ratio moves by 3e-6
+        (relative) between ``tol=1e-4`` and ``tol=1e-6``.
     objects : Table or (n, 2) array, optional
         Restrict the fit to windows of radius ``object_radius`` around these
         ``(x, y)`` positions (global 0-based pixels).
