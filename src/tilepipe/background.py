@@ -227,6 +227,13 @@ def _mesh_stats_block(img: np.ndarray, bad: np.ndarray | None, my: int, mx: int,
     return mode.reshape(nmy, nmx), sig.reshape(nmy, nmx), valid.reshape(nmy, nmx)
 
 
+def _stacked_mesh_stats(img: np.ndarray, bad: np.ndarray, *, my: int, mx: int, min_valid_frac: float,
+                        maxiters: int, nsigma: float) -> np.ndarray:
+    """:func:`_mesh_stats_block` as one ``(3, nmy, nmx)`` float64 array: mode, sigma, valid (0/1)."""
+    mode, sig, valid = _mesh_stats_block(img, bad, my, mx, min_valid_frac, maxiters, nsigma)
+    return np.stack([mode, sig, valid.astype(np.float64)])
+
+
 # =============================================================================
 # reduce: fill, filter and spline on the (small) mesh grid
 # =============================================================================
@@ -595,21 +602,16 @@ def mesh_statistics(
     g = _mesh_grid(shape, (my, mx), nx, ny, grid)
     img = ds["image"].data.rechunk(g.chunks)
     bad = ds["mask"].data.rechunk(g.chunks)
-    di, db = img.to_delayed(), bad.to_delayed()
-    f = dask.delayed(_mesh_stats_block, pure=True)
-    tasks = [f(di[t.iy, t.ix], db[t.iy, t.ix], my, mx, min_valid_frac, maxiters, sigma) for t in g.tiles]
-    results = dask.compute(*tasks)
-    nmy, nmx = -(-shape[0] // my), -(-shape[1] // mx)
-    mode = np.full((nmy, nmx), np.nan)
-    sig = np.full((nmy, nmx), np.nan)
-    valid = np.zeros((nmy, nmx), dtype=bool)
-    empty_tiles = []
-    for t, (m, s, v) in zip(g.tiles, results):
-        oy, ox = t.core[0].start // my, t.core[1].start // mx
-        sl = (slice(oy, oy + m.shape[0]), slice(ox, ox + m.shape[1]))
-        mode[sl], sig[sl], valid[sl] = m, s, v
-        if not v.any():
-            empty_tiles.append(t.index)
+    # one blockwise layer: reading a tile, its mask and its statistics fuse into one task per tile
+    mesh_chunks = tuple(tuple(-(-c // m) for c in cs) for cs, m in zip(g.chunks, (my, mx)))
+    stats = da.map_blocks(_stacked_mesh_stats, img, bad, my=my, mx=mx, min_valid_frac=min_valid_frac,
+                          maxiters=maxiters, nsigma=sigma, new_axis=0, chunks=((3,),) + mesh_chunks,
+                          dtype=np.float64, meta=np.empty((0, 0, 0)), token="tilepipe-mesh-stats")
+    mode, sig, valid = stats.compute()
+    valid = valid > 0
+    empty_tiles = [t.index for t in g.tiles
+                   if not valid[t.core[0].start // my:-(-t.core[0].stop // my),
+                                t.core[1].start // mx:-(-t.core[1].stop // mx)].any()]
     return {"mode": mode, "sigma": sig, "valid": valid, "empty_tiles": np.array(empty_tiles, dtype=np.int64)}
 
 
