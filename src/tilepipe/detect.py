@@ -463,32 +463,79 @@ def _assemble(blocks: list[list[np.ndarray]]) -> np.ndarray:
     return out
 
 
-def _extract_pieces(blocks: list[list[np.ndarray]], **kwargs: Any) -> Table:
-    """:func:`_extract` on the box assembled from its chunk pieces (``blocks[iy][ix]``)."""
+def _extract_pieces(blocks: list[list[np.ndarray]], cuts: list[list[tuple[slice, slice]]], **kwargs: Any) -> Table:
+    """:func:`_extract` on the box made of ``blocks[iy][ix][:, cuts[iy][ix]]`` (chunks and their cut pieces)."""
     if len(blocks) == 1 and len(blocks[0]) == 1:
-        return _extract(blocks[0][0], **kwargs)
-    return _extract(_assemble(blocks), **kwargs)  # _extract keeps no reference to the scratch buffer
+        return _extract(blocks[0][0][(slice(None),) + cuts[0][0]], **kwargs)
+    pieces = [[b[(slice(None),) + c] for b, c in zip(brow, crow)] for brow, crow in zip(blocks, cuts)]
+    return _extract(_assemble(pieces), **kwargs)  # _extract keeps no reference to the scratch buffer
+
+
+def _several_workers() -> bool:
+    """Whether dask computes on a distributed cluster of more than one worker (data then moves between them)."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return False
+    if dask.base.get_scheduler() != client.get:  # e.g. scheduler="synchronous" set inside a client context
+        return False
+    try:
+        return len(client.scheduler_info().get("workers", {})) > 1
+    except Exception:  # noqa: BLE001 - a client that cannot answer: assume the general case
+        return True
 
 
 def _extract_tasks(bundle: da.Array, jobs: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
                    kwargs: dict[str, Any]) -> list[Table]:
     """Compute :func:`_extract` for each ``(window, own)`` pair of global boxes, as one dask graph.
 
-    ``bundle`` must be optimised already (``dask.optimize``); the windows are
-    sliced from it without further optimisation, so a chunk shared by several
-    windows is computed once, and each task assembles its window from the
-    chunk pieces itself (no per-window copy of the graph).
+    ``bundle`` must be optimised already (``dask.optimize``); a chunk shared
+    by several windows is computed once.  Each window task cuts its pieces
+    from the chunks it overlaps.  On a cluster of several workers, the pieces
+    that are only part of a chunk (the halo strips) are cut by small tasks
+    first, so only strips travel between workers; in one process (or one
+    worker), where nothing travels, the window task takes the chunks
+    themselves: a scheduled task costs a few ms, more than cutting a strip.
     """
-    # ``bundle`` is already optimised: slicing it without a second optimisation keeps dask from
-    # pushing each window's slice into the blockwise chain (which would recompute shared chunks)
-    pieces = [bundle[:, w[0]:w[1], w[2]:w[3]] for w, _ in jobs]
-    f = dask.delayed(_extract_pieces, pure=False)
-    tasks = []
-    for p, (w, own) in zip(pieces, jobs):
-        d = p.to_delayed(optimize_graph=False)[0]
-        blocks = [[d[i, j] for j in range(d.shape[1])] for i in range(d.shape[0])]
-        tasks.append(f(blocks, origin=(w[0], w[2]), own=own, **kwargs))
-    return list(dask.compute(*tasks, optimize_graph=False))
+    import operator
+    import uuid
+
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+    from dask.utils import apply
+
+    ye = np.concatenate([[0], np.cumsum(bundle.chunks[1])]).astype(int)
+    xe = np.concatenate([[0], np.cumsum(bundle.chunks[2])]).astype(int)
+    bname = bundle.name
+    name = f"tilepipe-extract-{uuid.uuid4().hex}"
+    strips = _several_workers()
+    dsk: dict[Any, Any] = {}
+    for i, (w, own) in enumerate(jobs):
+        iys = range(int(np.searchsorted(ye, w[0], "right")) - 1, int(np.searchsorted(ye, w[1], "left")))
+        ixs = range(int(np.searchsorted(xe, w[2], "right")) - 1, int(np.searchsorted(xe, w[3], "left")))
+        keys, cuts = [], []
+        for iy in iys:
+            krow, crow = [], []
+            for ix in ixs:
+                cut = (slice(max(w[0], ye[iy]) - ye[iy], min(w[1], ye[iy + 1]) - ye[iy]),
+                       slice(max(w[2], xe[ix]) - xe[ix], min(w[3], xe[ix + 1]) - xe[ix]))
+                key = (bname, 0, iy, ix)
+                whole = cut[0].stop - cut[0].start == ye[iy + 1] - ye[iy] and cut[1].stop - cut[1].start == xe[ix + 1] - xe[ix]
+                if strips and not whole:
+                    piece = (name + "-piece", i, iy, ix)
+                    dsk[piece] = (operator.getitem, key, (slice(None),) + cut)
+                    key, cut = piece, (slice(None), slice(None))
+                krow.append(key)
+                crow.append(cut)
+            keys.append(krow)
+            cuts.append(crow)
+        dsk[(name, i)] = (apply, _extract_pieces, [keys, cuts], {**kwargs, "origin": (w[0], w[2]), "own": own})
+    dsk[name] = (list, [(name, i) for i in range(len(jobs))])
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[bundle])
+    (tables,) = dask.compute(Delayed(name, graph), optimize_graph=False)
+    return list(tables)
 
 
 #: When set (by internal callers that treat the catalog as a by-product, e.g. PSF star detection),
