@@ -52,7 +52,7 @@ from astropy.table import Table, vstack
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning, NoDetectionsWarning, OverlapWarning
-from .tiling import Tile, TileGrid, make_grid, merge_tables
+from .tiling import Tile, TileGrid, make_grid, merge_tables, several_workers
 
 __all__ = [
     "detect_sources",
@@ -471,22 +471,6 @@ def _extract_pieces(blocks: list[list[np.ndarray]], cuts: list[list[tuple[slice,
     return _extract(_assemble(pieces), **kwargs)  # _extract keeps no reference to the scratch buffer
 
 
-def _several_workers() -> bool:
-    """Whether dask computes on a distributed cluster of more than one worker (data then moves between them)."""
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):
-        return False
-    if dask.base.get_scheduler() != client.get:  # e.g. scheduler="synchronous" set inside a client context
-        return False
-    try:
-        return len(client.scheduler_info().get("workers", {})) > 1
-    except Exception:  # noqa: BLE001 - a client that cannot answer: assume the general case
-        return True
-
-
 def _extract_tasks(bundle: da.Array, jobs: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
                    kwargs: dict[str, Any]) -> list[Table]:
     """Compute :func:`_extract` for each ``(window, own)`` pair of global boxes, as one dask graph.
@@ -510,7 +494,7 @@ def _extract_tasks(bundle: da.Array, jobs: list[tuple[tuple[int, int, int, int],
     xe = np.concatenate([[0], np.cumsum(bundle.chunks[2])]).astype(int)
     bname = bundle.name
     name = f"tilepipe-extract-{uuid.uuid4().hex}"
-    strips = _several_workers()
+    strips = several_workers()
     dsk: dict[Any, Any] = {}
     for i, (w, own) in enumerate(jobs):
         iys = range(int(np.searchsorted(ye, w[0], "right")) - 1, int(np.searchsorted(ye, w[1], "left")))

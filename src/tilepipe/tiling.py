@@ -333,6 +333,29 @@ def make_grid(
     return TileGrid(shape, nx=nx, ny=ny, overlap=overlap, align=align)
 
 
+def several_workers() -> bool:
+    """Whether dask computes on a distributed cluster of more than one worker.
+
+    Tile tasks that assemble their outer box from neighbouring chunks use it
+    to choose how: with several workers, the halo strips are cut by small
+    tasks where the chunks live, so only strips travel between workers; in
+    one process or one worker, where nothing travels, a tile task takes the
+    neighbouring chunks themselves (each scheduled task costs a few ms).
+    """
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return False
+    if dask.base.get_scheduler() != client.get:  # e.g. scheduler="synchronous" set inside a client context
+        return False
+    try:
+        return len(client.scheduler_info().get("workers", {})) > 1
+    except Exception:  # noqa: BLE001 - a client that cannot answer: assume the general case
+        return True
+
+
 def _overlapped(arrays: Sequence[Any], grid: TileGrid) -> list[da.Array]:
     grid._check_engine()
     out = []

@@ -70,7 +70,7 @@ from scipy import ndimage
 from .._validate import as_pair, check_choice, check_int, check_positive
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
-from ..tiling import TileGrid, _tile_table, merge_tables
+from ..tiling import TileGrid, _tile_table, merge_tables, several_workers
 from . import noise as nz
 
 log = logging.getLogger(__name__)
@@ -996,7 +996,7 @@ def zogy_subtract(
     )
     ftab = dask.delayed(_stars_task, pure=True)
     stok = dask.base.tokenize(star_grid.overlap, star_kw, N, R, VN, VR, bad)
-    star_tasks = [ftab(star_grid, t.index, 5, star_kw, *refs, dask_key_name=f"zogy-stars-{stok}-{t.index}")
+    star_tasks = [ftab(star_grid, t.index, star_kw, refs, dask_key_name=f"zogy-stars-{stok}-{t.index}")
                   for t, refs in zip(star_grid.tiles, _tile_chunk_refs([N, R, VN, VR, bad], star_grid))]
     med = dask.delayed(_median_finite, pure=True)
     noise_tasks = [med(d[t.iy, t.ix]) for a in (rms_n, rms_r) for d in [a.to_delayed(optimize_graph=False)]
@@ -1147,6 +1147,14 @@ def zogy_subtract(
     for k in ("gain", "saturation"):
         if k in new.attrs:
             attrs[k] = new.attrs[k]
+    # The outputs' graphs refer to the persisted inputs by key.  dask.compute(res["diff"].data) hands the
+    # persisted futures to the scheduler, but xarray's compute (res.compute(), res["diff"].values) optimises
+    # them out of the graph: without another reference, a distributed cluster would release the inputs
+    # as soon as this function returns ("lost dependencies").  Each output array holds them.
+    keep = (N, R, VN, VR, bad)
+    for _, v in data.values():
+        if isinstance(v, da.Array):
+            v._tilepipe_inputs = keep
     res = xr.Dataset(data, coords=coords, attrs=attrs)
     # carry the inputs for cutouts (lazy, no cost unless used)
     res["new"] = (("y", "x"), N)
@@ -1214,8 +1222,8 @@ def _try_build_psf(ds: xr.Dataset, psf_method: str) -> Any:
         return None
 
 
-def _zogy_tile_delayed(*chunks, grid, index, **kw):
-    blocks = _outer_blocks(grid, index, 5, *chunks)
+def _zogy_tile_delayed(parts, grid, index, **kw):
+    blocks = _outer_blocks(grid, index, parts)
     return _zogy_tile(*blocks, tile=grid.tiles[index], tgrid=grid, **kw)
 
 
@@ -1226,38 +1234,58 @@ def _neighbour_chunks(grid: TileGrid, index: int) -> list[tuple[int, int]]:
             if 0 <= iy < grid.ny and 0 <= ix < grid.nx]
 
 
-def _outer_blocks(grid: TileGrid, index: int, narr: int, *chunks: np.ndarray) -> list[np.ndarray]:
+def _halo_cut(grid: TileGrid, index: int, iy: int, ix: int) -> tuple[slice, slice]:
+    """The part of core chunk ``(iy, ix)`` inside tile ``index``'s outer box, in the chunk's own pixels."""
+    oy, ox = grid.tiles[index].outer
+    cy, cx = grid.tiles[iy * grid.nx + ix].core
+    return (slice(max(cy.start, oy.start) - cy.start, min(cy.stop, oy.stop) - cy.start),
+            slice(max(cx.start, ox.start) - cx.start, min(cx.stop, ox.stop) - cx.start))
+
+
+def _cut_chunks(cut: tuple[slice, slice], *chunks: np.ndarray) -> list[np.ndarray]:
+    """The same region of several chunks (a halo strip of each input array), as small copies."""
+    return [np.array(np.asarray(c)[cut]) for c in chunks]
+
+
+def _outer_blocks(grid: TileGrid, index: int, parts: list[list[np.ndarray]]) -> list[np.ndarray]:
     """Inside a task: build the outer boxes of tile ``index`` from its neighbours' core chunks.
 
-    ``chunks`` holds, for each of the ``narr`` arrays in turn, the core chunks
-    listed by :func:`_neighbour_chunks` (the halo never exceeds a neighbour's
-    core, which :meth:`TileGrid._check_engine` guarantees).
+    ``parts[k][a]`` is array ``a``'s chunk at the ``k``-th neighbour listed by
+    :func:`_neighbour_chunks` (the halo never exceeds a neighbour's core,
+    which :meth:`TileGrid._check_engine` guarantees): the whole core chunk, or
+    only the part inside the outer box (:func:`_halo_cut`, cut where the chunk
+    lives).
     """
     t = grid.tiles[index]
     oy, ox = t.outer
     nbs = _neighbour_chunks(grid, index)
     out = []
-    for a in range(narr):
-        parts = chunks[a * len(nbs):(a + 1) * len(nbs)]
-        box = np.empty((oy.stop - oy.start, ox.stop - ox.start), dtype=np.asarray(parts[0]).dtype)
-        for (iy, ix), c in zip(nbs, parts):
+    for a in range(len(parts[0])):
+        box = np.empty((oy.stop - oy.start, ox.stop - ox.start), dtype=np.asarray(parts[0][a]).dtype)
+        for (iy, ix), nb in zip(nbs, parts):
             cy, cx = grid.tiles[iy * grid.nx + ix].core
             y0, y1 = max(cy.start, oy.start), min(cy.stop, oy.stop)
             x0, x1 = max(cx.start, ox.start), min(cx.stop, ox.stop)
             if y1 > y0 and x1 > x0:
-                box[y0 - oy.start:y1 - oy.start, x0 - ox.start:x1 - ox.start] = np.asarray(c)[
-                    y0 - cy.start:y1 - cy.start, x0 - cx.start:x1 - cx.start]
+                c = np.asarray(nb[a])
+                if c.shape != (y1 - y0, x1 - x0):
+                    c = c[y0 - cy.start:y1 - cy.start, x0 - cx.start:x1 - cx.start]
+                box[y0 - oy.start:y1 - oy.start, x0 - ox.start:x1 - ox.start] = c
         out.append(box)
     return out
 
 
 def _tile_chunk_refs(arrays: list[da.Array], grid: TileGrid) -> list[list[Any]]:
-    """Per tile, the delayed core chunks its outer box needs (for :func:`_outer_blocks`).
+    """Per tile, per neighbour chunk, the delayed chunks of every array (for :func:`_outer_blocks`).
 
-    One task per tile reads its neighbours' chunks directly (no per-slice
-    overlap tasks).  The graph is not optimised (``optimize_graph=False``): it
-    keeps the persisted inputs' futures, so a distributed cluster does not
-    release them.  Every array must be chunked on the grid's cores.
+    One task per tile assembles its outer box from its neighbours' chunks (no
+    per-slice overlap tasks).  On a cluster of several workers the halo part
+    of each neighbour is cut first by a small task (all arrays at once), so
+    strips, not whole chunks, travel between workers; in one process or one
+    worker the tile task takes the chunks themselves.  The graph is not
+    optimised (``optimize_graph=False``): it keeps the persisted inputs'
+    futures, so a distributed cluster does not release them.  Every array
+    must be chunked on the grid's cores.
     """
     grid._check_engine()
     dl = []
@@ -1265,11 +1293,21 @@ def _tile_chunk_refs(arrays: list[da.Array], grid: TileGrid) -> list[list[Any]]:
         if a.chunks != grid.chunks:
             raise ValueError("internal: arrays must be chunked on the tile cores")
         dl.append(a.to_delayed(optimize_graph=False))
-    return [[d[iy, ix] for d in dl for iy, ix in _neighbour_chunks(grid, t.index)] for t in grid.tiles]
+    strips = several_workers()
+    fcut = dask.delayed(_cut_chunks, pure=True)
+    out = []
+    for t in grid.tiles:
+        refs = []
+        for iy, ix in _neighbour_chunks(grid, t.index):
+            chunks = [d[iy, ix] for d in dl]
+            refs.append(fcut(_halo_cut(grid, t.index, iy, ix), *chunks) if strips and (iy, ix) != (t.iy, t.ix)
+                        else chunks)
+        out.append(refs)
+    return out
 
 
-def _stars_task(grid, index, narr, kw, *chunks):
-    blocks = _outer_blocks(grid, index, narr, *chunks)
+def _stars_task(grid, index, kw, parts):
+    blocks = _outer_blocks(grid, index, parts)
     return _tile_table(nz.measure_pair_stars, grid, index, kw, "x", "y", *blocks)
 
 
@@ -1287,7 +1325,7 @@ def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_ne
     tok = dask.base.tokenize(grid.shape, grid.chunks, grid.overlap, psfs_new, psfs_ref, feather, pad, params,
                              flux_correction, N, R, VN, VR, bad)
     ftile = dask.delayed(_zogy_tile_delayed, pure=True)
-    parts = [ftile(*refs, grid=grid, index=t.index, **kw, dask_key_name=f"zogy-tile-{tok}-{t.index}")
+    parts = [ftile(refs, grid=grid, index=t.index, **kw, dask_key_name=f"zogy-tile-{tok}-{t.index}")
              for t, refs in zip(grid.tiles, _tile_chunk_refs([N, R, VN, VR, bad], grid))]
     fasm = dask.delayed(_assemble_core, pure=True)
     rows = []
