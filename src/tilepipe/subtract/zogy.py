@@ -70,7 +70,7 @@ from scipy import ndimage
 from .._validate import as_pair, check_choice, check_int, check_positive
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
-from ..tiling import TileGrid, _tile_table, merge_tables, several_workers
+from ..tiling import TileGrid, _tile_table, merge_tables
 from . import noise as nz
 
 log = logging.getLogger(__name__)
@@ -1234,27 +1234,12 @@ def _neighbour_chunks(grid: TileGrid, index: int) -> list[tuple[int, int]]:
             if 0 <= iy < grid.ny and 0 <= ix < grid.nx]
 
 
-def _halo_cut(grid: TileGrid, index: int, iy: int, ix: int) -> tuple[slice, slice]:
-    """The part of core chunk ``(iy, ix)`` inside tile ``index``'s outer box, in the chunk's own pixels."""
-    oy, ox = grid.tiles[index].outer
-    cy, cx = grid.tiles[iy * grid.nx + ix].core
-    return (slice(max(cy.start, oy.start) - cy.start, min(cy.stop, oy.stop) - cy.start),
-            slice(max(cx.start, ox.start) - cx.start, min(cx.stop, ox.stop) - cx.start))
-
-
-def _cut_chunks(cut: tuple[slice, slice], *chunks: np.ndarray) -> list[np.ndarray]:
-    """The same region of several chunks (a halo strip of each input array), as small copies."""
-    return [np.array(np.asarray(c)[cut]) for c in chunks]
-
-
 def _outer_blocks(grid: TileGrid, index: int, parts: list[list[np.ndarray]]) -> list[np.ndarray]:
     """Inside a task: build the outer boxes of tile ``index`` from its neighbours' core chunks.
 
-    ``parts[k][a]`` is array ``a``'s chunk at the ``k``-th neighbour listed by
-    :func:`_neighbour_chunks` (the halo never exceeds a neighbour's core,
-    which :meth:`TileGrid._check_engine` guarantees): the whole core chunk, or
-    only the part inside the outer box (:func:`_halo_cut`, cut where the chunk
-    lives).
+    ``parts[k][a]`` is array ``a``'s core chunk at the ``k``-th neighbour
+    listed by :func:`_neighbour_chunks` (the halo never exceeds a neighbour's
+    core, which :meth:`TileGrid._check_engine` guarantees).
     """
     t = grid.tiles[index]
     oy, ox = t.outer
@@ -1267,10 +1252,8 @@ def _outer_blocks(grid: TileGrid, index: int, parts: list[list[np.ndarray]]) -> 
             y0, y1 = max(cy.start, oy.start), min(cy.stop, oy.stop)
             x0, x1 = max(cx.start, ox.start), min(cx.stop, ox.stop)
             if y1 > y0 and x1 > x0:
-                c = np.asarray(nb[a])
-                if c.shape != (y1 - y0, x1 - x0):
-                    c = c[y0 - cy.start:y1 - cy.start, x0 - cx.start:x1 - cx.start]
-                box[y0 - oy.start:y1 - oy.start, x0 - ox.start:x1 - ox.start] = c
+                box[y0 - oy.start:y1 - oy.start, x0 - ox.start:x1 - ox.start] = np.asarray(nb[a])[
+                    y0 - cy.start:y1 - cy.start, x0 - cx.start:x1 - cx.start]
         out.append(box)
     return out
 
@@ -1278,14 +1261,14 @@ def _outer_blocks(grid: TileGrid, index: int, parts: list[list[np.ndarray]]) -> 
 def _tile_chunk_refs(arrays: list[da.Array], grid: TileGrid) -> list[list[Any]]:
     """Per tile, per neighbour chunk, the delayed chunks of every array (for :func:`_outer_blocks`).
 
-    One task per tile assembles its outer box from its neighbours' chunks (no
-    per-slice overlap tasks).  On a cluster of several workers the halo part
-    of each neighbour is cut first by a small task (all arrays at once), so
-    strips, not whole chunks, travel between workers; in one process or one
-    worker the tile task takes the chunks themselves.  The graph is not
-    optimised (``optimize_graph=False``): it keeps the persisted inputs'
-    futures, so a distributed cluster does not release them.  Every array
-    must be chunked on the grid's cores.
+    One task per tile reads its neighbours' chunks directly (no per-slice
+    overlap tasks).  On a cluster of several workers whole neighbour chunks
+    travel; cutting the halo strips first where the chunks live (as
+    :func:`tilepipe.detect_sources` does) was measured and not faster here:
+    ZOGY tiles have five input arrays, so the strips cost 8 extra tasks per
+    tile against a few MB of transfer.  The graph is not optimised
+    (``optimize_graph=False``): it keeps the persisted inputs' futures.
+    Every array must be chunked on the grid's cores.
     """
     grid._check_engine()
     dl = []
@@ -1293,17 +1276,7 @@ def _tile_chunk_refs(arrays: list[da.Array], grid: TileGrid) -> list[list[Any]]:
         if a.chunks != grid.chunks:
             raise ValueError("internal: arrays must be chunked on the tile cores")
         dl.append(a.to_delayed(optimize_graph=False))
-    strips = several_workers()
-    fcut = dask.delayed(_cut_chunks, pure=True)
-    out = []
-    for t in grid.tiles:
-        refs = []
-        for iy, ix in _neighbour_chunks(grid, t.index):
-            chunks = [d[iy, ix] for d in dl]
-            refs.append(fcut(_halo_cut(grid, t.index, iy, ix), *chunks) if strips and (iy, ix) != (t.iy, t.ix)
-                        else chunks)
-        out.append(refs)
-    return out
+    return [[[d[iy, ix] for d in dl] for iy, ix in _neighbour_chunks(grid, t.index)] for t in grid.tiles]
 
 
 def _stars_task(grid, index, kw, parts):
