@@ -303,37 +303,54 @@ def _spline_matrix(n: int) -> np.ndarray:
     return K
 
 
-def _spline_weights(pix: np.ndarray, mesh: int, K: np.ndarray) -> np.ndarray:
-    """Interpolation weights ``W`` (``len(pix) x n``) of the natural spline: ``f(pix) = W @ nodes``."""
-    n = K.shape[0]
+def _spline_local(pix: np.ndarray, mesh: int, n: int) -> tuple[slice, np.ndarray, np.ndarray]:
+    """The natural spline's weights on ``pix`` in local form: ``W = P + Q @ K`` restricted to the nodes used.
+
+    A pixel between nodes ``j`` and ``j + 1`` is ``c y_j + t y_(j+1) +
+    (c^3 - c)/6 M_j + (t^3 - t)/6 M_(j+1)`` (``M = K @ y`` the second
+    derivatives): ``P`` and ``Q`` have two non-zeros per row.  Returns the
+    node range ``nodes`` spanned by ``pix`` and ``P``, ``Q`` on that range
+    (``len(pix) x range``), so that ``f(pix) = P @ y[nodes] + Q @ M[nodes]``
+    """
     u = (np.asarray(pix, dtype=np.float64) + 0.5) / mesh - 0.5
-    W = np.zeros((u.size, n))
     if n == 1:
-        W[:, 0] = 1.0
-        return W
+        return slice(0, 1), np.ones((u.size, 1)), np.zeros((u.size, 1))
     j = np.clip(np.floor(u).astype(np.int64), 0, n - 2)
     t = u - j
     c = 1.0 - t
+    j0 = int(j.min())
+    k = int(j.max()) + 2 - j0
     r = np.arange(u.size)
-    W[r, j] += c
-    W[r, j + 1] += t
-    W += ((c ** 3 - c) / 6.0)[:, None] * K[j] + ((t ** 3 - t) / 6.0)[:, None] * K[j + 1]
-    return W
+    P = np.zeros((u.size, k))
+    Q = np.zeros((u.size, k))
+    P[r, j - j0] = c
+    P[r, j + 1 - j0] = t
+    Q[r, j - j0] = (c ** 3 - c) / 6.0
+    Q[r, j + 1 - j0] = (t ** 3 - t) / 6.0
+    return slice(j0, j0 + k), P, Q
 
 
 def _eval_mesh_tile(block: np.ndarray, *, tile: Tile, nodes: np.ndarray, mesh: tuple[int, int],
                     Ky: np.ndarray, Kx: np.ndarray) -> np.ndarray:
     """Evaluate the global bicubic spline through the mesh ``nodes`` on a tile core (float32).
 
-    The interpolation along y is done in float64 on the small node grid; the
-    final product along x, ``(h x nmx) @ (nmx x w)``, in float32 (relative
-    rounding ~1e-7, far below the statistical error of the mesh values).
+    ``f = Wy @ nodes @ Wx.T`` with each axis' weights in local form
+    ``W = P + Q @ K`` (:func:`_spline_local`): the second derivatives of the
+    node grid are global (``Ky @ nodes``, ``nodes @ Kx.T``: small), and a
+    tile needs only the ~``tile / mesh + 2`` nodes it spans along each axis,
+    so the cost does not grow with the number of meshes across the image.
+    The small products are float64; the final ``(h x 2 kx) @ (2 kx x w)``
+    float32 (relative rounding ~1e-7, far below the statistical error of the
+    mesh values).
     """
     ys, xs = tile.core
-    Wy = _spline_weights(np.arange(ys.start, ys.stop), mesh[0], Ky)
-    Wx = _spline_weights(np.arange(xs.start, xs.stop), mesh[1], Kx)
-    left = (Wy @ nodes).astype(np.float32)
-    return left @ np.ascontiguousarray(Wx.T, dtype=np.float32)
+    ry, Py, Qy = _spline_local(np.arange(ys.start, ys.stop), mesh[0], nodes.shape[0])
+    rx, Px, Qx = _spline_local(np.arange(xs.start, xs.stop), mesh[1], nodes.shape[1])
+    G = nodes
+    GY = Ky[ry] @ nodes  # second derivatives along y at the rows used
+    Z = np.block([[G[ry, rx], (G[ry] @ Kx[rx].T)], [GY[:, rx], GY @ Kx[rx].T]])
+    left = (np.hstack([Py, Qy]) @ Z).astype(np.float32)
+    return left @ np.ascontiguousarray(np.hstack([Px, Qx]).T, dtype=np.float32)
 
 
 # =============================================================================
