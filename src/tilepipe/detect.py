@@ -441,16 +441,24 @@ def _merge_boxes(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int,
 
 #: Per-thread scratch buffer for assembling a tile's outer box from its chunk pieces: reusing it saves
 #: faulting in ~15 MB of fresh pages per 1k tile (a third of the tile's non-sep time on a worker).
+#: Boxes larger than ``_SCRATCH_MAX`` floats (rare re-measurement windows) get a fresh array instead,
+#: so a thread never keeps more than 64 MB.
 _SCRATCH = threading.local()
+_SCRATCH_MAX = 16 * 2**20
 
 
 def _assemble(blocks: list[list[np.ndarray]]) -> np.ndarray:
-    """The ``(3, h, w)`` box made of ``blocks[iy][ix]``, in this thread's scratch buffer (valid until the next call)."""
+    """The ``(3, h, w)`` box made of ``blocks[iy][ix]``, in this thread's scratch buffer (valid until the next call).
+
+    sep copies its inputs, and :func:`_extract` returns only new arrays, so reusing the buffer is safe.
+    """
     h = sum(row[0].shape[1] for row in blocks)
     w = sum(b.shape[2] for b in blocks[0])
     n = 3 * h * w
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.size < n:
+    if n > _SCRATCH_MAX:
+        buf = np.empty(n, dtype=np.float32)
+    elif buf is None or buf.size < n:
         buf = _SCRATCH.buf = np.empty(n, dtype=np.float32)
     out = buf[:n].reshape(3, h, w)
     y = 0
