@@ -91,12 +91,13 @@ def test_tiles_on_local_cluster_equal_local(const_pair, client):
     with dask.config.set(scheduler="synchronous"):
         local = tp.subtract(p.new, p.ref, **kw).compute()
     assert np.array_equal(local["mask"].values, on_cluster["mask"].values)
-    # same criterion as the tile invariance above (FFT and fit summation orders may differ in the last bits)
+    # float32 rounding differs in the last bits between the processes (measured: 3.7e-6 of the noise, same
+    # fitted flux scale); 2e-5 is 5x that and 5x tighter than the tile-invariance criterion (1e-4)
     noise = {"scorr": 1.0, "diff": local.attrs["diff_noise"], "fpsf": float(np.nanmedian(local["fpsf_err"].values))}
     for var in ("scorr", "diff", "fpsf"):
         a, b = local[var].values, on_cluster[var].values
         assert np.array_equal(np.isnan(a), np.isnan(b))
-        assert np.nanmax(np.abs(a - b)) <= 1e-4 * noise[var], var
+        assert np.nanmax(np.abs(a - b)) <= 2e-5 * noise[var], var
 
 
 def test_feathered_blend_is_exact_with_constant_psf(const_pair):

@@ -189,19 +189,10 @@ def has_wcs(ds: xr.Dataset) -> bool:
 
 
 # ------------------------------------------------------------------- variance
-def _kth_of_two(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """The ``k``-th smallest (0-based) value of the union of two ascending arrays, in O(log n)."""
-    na, nb = a.size, b.size
-    lo, hi = max(0, k + 1 - nb), min(k + 1, na)
-    while True:
-        i = (lo + hi) // 2  # take i values from a and j from b
-        j = k + 1 - i
-        if i < na and j > 0 and b[j - 1] > a[i]:
-            lo = i + 1
-        elif i > 0 and j < nb and a[i - 1] > b[j]:
-            hi = i - 1
-        else:
-            return float(max(a[i - 1] if i > 0 else -np.inf, b[j - 1] if j > 0 else -np.inf))
+def _median_sorted(s: np.ndarray) -> float:
+    """``np.median`` of an ascending array, without a partition."""
+    n = s.size
+    return float(s[(n - 1) // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2)
 
 
 def _robust_sky(sample: np.ndarray) -> np.ndarray:
@@ -210,23 +201,20 @@ def _robust_sky(sample: np.ndarray) -> np.ndarray:
     Up to five rounds of clipping at 3 sigma around the median, then the
     median and ``1.4826 * MAD`` of the kept values.  The sample is sorted
     once: every kept set is then a contiguous slice, and the absolute
-    deviations from the median are two sorted runs (below and above it), so
-    each round's MAD is a k-th value of two sorted arrays (no partition).
+    deviations from the median are two ascending runs (below and above it)
+    that a stable sort merges in linear time (no partition per round).
     """
     v = np.asarray(sample, dtype=np.float64).ravel()
     v = np.sort(v[np.isfinite(v)])
 
     def median_mad(s: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray, int]:
-        n = s.size
-        med = float(s[(n - 1) // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2)
+        med = _median_sorted(s)
         m = int(np.searchsorted(s, med, side="left"))
         below = np.abs(s[:m] - med)[::-1]  # ascending deviations of the values below the median
         above = np.abs(s[m:] - med)
-        if n % 2:
-            mad = _kth_of_two(below, above, n // 2)
-        else:
-            mad = (_kth_of_two(below, above, n // 2 - 1) + _kth_of_two(below, above, n // 2)) / 2
-        return med, 1.4826 * mad, below, above, m
+        dev = np.concatenate([below, above])
+        dev.sort(kind="stable")  # timsort: one merge of the two runs
+        return med, 1.4826 * _median_sorted(dev), below, above, m
 
     if v.size == 0:
         return np.array([0.0, 1.0])
