@@ -19,7 +19,10 @@ polluted by the other runs:
   nx=ny=size/1024)`` (mesh background via ``estimate_background`` inside) on a
   ``LocalCluster`` of 1 or 2 worker processes (1 thread each), the FITS file
   read lazily by the workers; ``--workers 0`` adds a run in one process with
-  dask's synchronous scheduler (the compute cost without the cluster).
+  dask's synchronous scheduler (the compute cost without the cluster).  Each
+  tile task reads its own window from the file (``--halo read``, the default);
+  ``--halo exchange`` adds runs where tasks assemble their windows from the
+  neighbouring chunks instead (the path for in-memory arrays).
 
 Imports are outside every clock (``sep``/``photutils`` are imported before
 their clocks start; the tilepipe workers import ``tilepipe.detect``, ``sep``,
@@ -126,6 +129,10 @@ def run_tilepipe(path, truth, workers, size):
     import tilepipe as tp
 
     _import_modules()
+    if os.environ.get("TILEPIPE_BENCH_HALO") == "exchange":  # --halo exchange: the chunk-exchange path
+        import tilepipe.detect
+
+        tilepipe.detect._USE_REGIONS.set(False)
     nt = max(1, size // 1024)
     if workers == 0:  # one process, dask's synchronous scheduler: the pure compute cost, no cluster
         with dask.config.set(scheduler="synchronous"):
@@ -170,10 +177,11 @@ def child(args):
     print("RESULT " + json.dumps(res))
 
 
-def spawn(method, path, truth, size, workers=1, timeout=600):
+def spawn(method, path, truth, size, workers=1, timeout=600, halo="read"):
     cmd = [sys.executable, __file__, "--child", method, "--input", path, "--truth", truth, "--size", str(size),
            "--workers", str(workers)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, TILEPIPE_BENCH_HALO=halo)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -187,6 +195,9 @@ def main():
                     help="LocalCluster worker counts; 0 = synchronous scheduler in one process")
     ap.add_argument("--peers", nargs="+", default=["sep", "photutils"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--halo", nargs="+", default=["read"], choices=["read", "exchange"],
+                    help="how tilepipe's tile tasks get their halos from a file: 'read' (default: each task "
+                         "reads its own window) and/or 'exchange' (tasks take the neighbouring chunks)")
     ap.add_argument("--dask-default-env", action="store_true",
                     help="start workers with distributed's default environment (MALLOC_TRIM_THRESHOLD_=65536) "
                          "instead of tilepipe.cluster.WORKER_ENVIRON, to measure what that setting costs")
@@ -217,8 +228,10 @@ def main():
             f.stars.write(truth, overwrite=True)
             del f
             res = {p: spawn(p, path, truth, size) for p in args.peers}
-            for w in args.workers:
-                res[f"tilepipe-{w}w" if w else "tilepipe-sync"] = spawn("tilepipe", path, truth, size, workers=w)
+            for halo in args.halo:
+                for w in args.workers:
+                    name = (f"tilepipe-{w}w" if w else "tilepipe-sync") + ("" if halo == "read" else f"-{halo}")
+                    res[name] = spawn("tilepipe", path, truth, size, workers=w, halo=halo)
             ref = res.get("sep")
             for name, r in res.items():
                 rows.append((size, name, r, ref))

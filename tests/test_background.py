@@ -367,3 +367,20 @@ def test_thread_safety(awkward):
     for b, r in results[1:]:
         np.testing.assert_allclose(b, results[0][0], rtol=1e-5)
         np.testing.assert_allclose(r, results[0][1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mesh", "poly"])
+def test_background_regions_equal_the_tiled_maps(method):
+    """The background maps evaluated on any rectangle (tile tasks that read their own halo) equal the tiled maps."""
+    from tilepipe.tiling import evaluate_regions, region_of
+
+    f = make_field((512, 448), seed=2)
+    bk = estimate_background(f.image, mesh=32, nx=3, ny=2, method=method, order=2)
+    names = ["background", "rms"] if method == "mesh" else ["background"]
+    regions = [region_of(bk[n]) for n in names]
+    assert all(r is not None for r in regions)
+    for ys, xs in [(slice(0, 512), slice(0, 448)), (slice(150, 390), slice(101, 333))]:
+        for n, got in zip(names, evaluate_regions(regions, ys, xs)):
+            want = bk[n][ys, xs].values
+            scale = float(np.max(np.abs(want)))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale, err_msg=n)

@@ -262,3 +262,46 @@ def test_cli_detect_writes_catalog_and_plot(tmp_path, field, client):
     assert png.stat().st_size > 5_000
     res = CliRunner().invoke(main, ["detect", str(tmp_path / "missing.fits"), "-o", str(out)])
     assert res.exit_code != 0 and "cannot open" in res.output
+
+
+# ------------------------------------------------- windows read from the file
+def _field_file(tmp_path, field):
+    from astropy.io import fits
+
+    path = tmp_path / "field.fits"
+    fits.writeto(path, field.image["image"].values.astype(np.float32))
+    return str(path)
+
+
+def test_windows_read_from_the_file_equal_chunk_exchange_and_whole(tmp_path, field, monkeypatch):
+    import tilepipe.detect as det
+
+    path = _field_file(tmp_path, field)
+    calls = []
+    run = det._extract_region_tasks
+    monkeypatch.setattr(det, "_extract_region_tasks", lambda *a: calls.append(len(a[1])) or run(*a))
+    ds = tp.open_image(path, chunks=256)
+    whole = tp.detect_sources(ds, nsigma=2.0)  # background=None: estimated inside, lazily
+    tiled = tp.detect_sources(ds, nsigma=2.0, nx=3, ny=2)
+    assert calls[:1] == [1] and 6 in calls  # both ran from the file, one task per window
+    token = det._USE_REGIONS.set(False)
+    try:
+        exchanged = tp.detect_sources(ds, nsigma=2.0, nx=3, ny=2)
+    finally:
+        det._USE_REGIONS.reset(token)
+    assert len(calls) == 2  # the forced chunk-exchange run did not read windows
+    _assert_same(whole, tiled)
+    _assert_same(tiled, exchanged)
+    assert len(whole) > 100
+
+
+@pytest.mark.cluster
+def test_windows_read_from_the_file_on_local_cluster(tmp_path, field, client):
+    path = _field_file(tmp_path, field)
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        ref = tp.detect_sources(tp.open_image(path, chunks=256), nsigma=2.0)
+    cat = tp.detect_sources(tp.open_image(path, chunks=256), nsigma=2.0, nx=3, ny=3)  # workers read the file
+    _assert_same(ref, cat)
+    assert len(np.unique(cat["tile"])) == 9

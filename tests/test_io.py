@@ -724,3 +724,36 @@ def test_robust_sky_equals_the_plain_clipping_loop():
             assert sky == ref_sky
             if ref_sig > 0:
                 assert sig == ref_sig
+
+
+# ------------------------------------------------------------------ regions
+@pytest.mark.parametrize("planes", [False, True])
+def test_fits_regions_equal_the_chunk_graph(tmp_path, planes):
+    """Any rectangle read straight from the file equals the same slice of the lazy Dataset."""
+    from tilepipe.tiling import evaluate_regions, region_of, resolve_regions
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(100.0, 10.0, (300, 260)).astype(np.float32)
+    img[10, 20] = np.nan
+    img[50:53, 60:62] = 5000.0  # saturated
+    path = tmp_path / "img.fits"
+    if planes:  # MASK and VARIANCE extensions, as tilepipe.write_fits writes them
+        mask = np.zeros(img.shape, bool)
+        mask[100:120, 30:90] = True
+        var = rng.uniform(50, 150, img.shape).astype(np.float32)
+        tp.write_fits(tp.open_image(img, mask=mask, variance=var), path)
+        ds = tp.open_image(str(path), chunks=64)
+    else:  # a plain image: default variance from the global sky statistics and the gain
+        fits.writeto(path, img)
+        ds = tp.open_image(str(path), chunks=64, gain=2.0, saturation=4000.0)
+    arrays = [ds["image"].data, ds["mask"].data, ds["variance"].data]
+    regions = [region_of(a) for a in arrays]
+    assert all(r is not None for r in regions)
+    resolved = resolve_regions(regions)
+    for ys, xs in [(slice(0, 300), slice(0, 260)), (slice(37, 171), slice(5, 250)), (slice(299, 300), slice(0, 1))]:
+        got = evaluate_regions(resolved, ys, xs)
+        for g, a in zip(got, arrays):
+            want = a[ys, xs].compute()
+            assert g.dtype == want.dtype
+            np.testing.assert_array_equal(g, want)
+    assert region_of((ds["image"] * 2).data) is None  # an operation on the array is not a file read

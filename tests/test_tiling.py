@@ -199,3 +199,32 @@ def test_map_tiles_on_local_cluster(client):
     assert np.array_equal(res, _gauss(x, None))
     t = tp.map_tiles_table(_pixels_above, x, nx=2, ny=2, overlap=4, thresh=3.0)
     assert len(t) == int((x > 3.0).sum())
+
+
+# ------------------------------------------------------------------ regions
+def test_regions_resolve_dask_arguments_once_and_share_sub_regions():
+    from tilepipe.tiling import Region, evaluate_regions, region_of, register_region, resolve_regions
+
+    calls = []
+    base = np.arange(60 * 80, dtype=np.float64).reshape(60, 80)
+
+    def read(ys, xs, *, a):
+        calls.append((ys, xs))
+        return a[ys, xs]
+
+    def scaled(ys, xs, *, img, k):
+        return img * float(k[0])
+
+    src = Region(read, {"a": base})
+    k = dask.array.from_array(np.array([3.0]))  # a lazy global statistic
+    twice = Region(scaled, {"img": src, "k": k})
+    arr = register_region(dask.array.from_array(base * 3.0, chunks=20), twice)
+    assert region_of(arr) is twice and region_of(arr + 1) is None  # another operation: another name, no region
+    (r_src, r_twice) = resolve_regions([src, twice])
+    assert isinstance(r_twice.kwargs["k"], np.ndarray)  # computed once, before any rectangle
+    assert r_twice.kwargs["img"] is r_src  # shared sub-regions stay shared
+    ys, xs = slice(7, 41), slice(13, 77)
+    got_src, got = evaluate_regions([r_src, r_twice], ys, xs)
+    assert calls == [(ys, xs)]  # the source was read once for both
+    np.testing.assert_array_equal(got_src, base[ys, xs])
+    np.testing.assert_array_equal(got, arr[ys, xs].compute())

@@ -59,7 +59,7 @@ import xarray as xr
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning
-from .tiling import Tile, TileGrid, map_tiles
+from .tiling import Region, Tile, TileGrid, map_tiles, register_region
 
 __all__ = ["estimate_background", "subtract_background", "mesh_statistics"]
 
@@ -343,7 +343,12 @@ def _eval_mesh_tile(block: np.ndarray, *, tile: Tile, nodes: np.ndarray, mesh: t
     float32 (relative rounding ~1e-7, far below the statistical error of the
     mesh values).
     """
-    ys, xs = tile.core
+    return _eval_mesh_region(*tile.core, nodes=nodes, mesh=mesh, Ky=Ky, Kx=Kx)
+
+
+def _eval_mesh_region(ys: slice, xs: slice, *, nodes: np.ndarray, mesh: tuple[int, int],
+                      Ky: np.ndarray, Kx: np.ndarray) -> np.ndarray:
+    """:func:`_eval_mesh_tile` on any rectangle ``[ys, xs]`` (a :class:`~tilepipe.tiling.Region`)."""
     ry, Py, Qy = _spline_local(np.arange(ys.start, ys.stop), mesh[0], nodes.shape[0])
     rx, Px, Qx = _spline_local(np.arange(xs.start, xs.stop), mesh[1], nodes.shape[1])
     G = nodes
@@ -459,6 +464,10 @@ def _solve_poly(A: np.ndarray, b: np.ndarray, n: int, order: int) -> np.ndarray:
 
 def _eval_poly_tile(block, *, tile: Tile, coef: np.ndarray, shape) -> np.ndarray:
     return _poly_eval(coef, *tile.core, shape).astype(np.float32)
+
+
+def _eval_poly_region(ys: slice, xs: slice, *, coef: np.ndarray, shape) -> np.ndarray:
+    return _poly_eval(coef, ys, xs, shape).astype(np.float32)
 
 
 # =============================================================================
@@ -786,6 +795,9 @@ def estimate_background(
                      nodes=back, mesh=(my, mx), Ky=Ky, Kx=Kx)
     rmap = map_tiles(_eval_mesh_tile, dummy, grid=g0, dtype=np.float32, name="background-rms",
                      nodes=sig, mesh=(my, mx), Ky=Ky, Kx=Kx)
+    # the maps on any rectangle, for tile tasks that read their own halo (tilepipe.tiling.Region)
+    register_region(bmap, Region(_eval_mesh_region, {"nodes": back, "mesh": (my, mx), "Ky": Ky, "Kx": Kx}))
+    register_region(rmap, Region(_eval_mesh_region, {"nodes": sig, "mesh": (my, mx), "Ky": Ky, "Kx": Kx}))
     attrs: dict[str, Any] = {
         "method": method,
         "mesh": [my, mx],
@@ -862,6 +874,7 @@ def _fit_poly(ds, bmesh, rmesh, g0: TileGrid, *, order, grow, minarea, detect_th
                             dtype=np.float32, name="background-poly", coef=coef, shape=shape)
     bmap = map_tiles(_eval_poly_tile, _constant(shape, g0.chunks, np.uint8(0)), grid=g0,
                      dtype=np.float32, name="background-poly", coef=coef, shape=shape)
+    register_region(bmap, Region(_eval_poly_region, {"coef": coef, "shape": shape}))
     info = {"poly_pixels": n_kept, "poly_fits": total_fits,
             "poly_residual_std": float(np.sqrt(chi / max(n_kept, 1)))}
     return bmap, coef, info

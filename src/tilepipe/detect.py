@@ -52,7 +52,8 @@ from astropy.table import Table, vstack
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning, NoDetectionsWarning, OverlapWarning
-from .tiling import Tile, TileGrid, make_grid, merge_tables, several_workers
+from .tiling import (Region, Tile, TileGrid, _constant_region, evaluate_regions, make_grid, merge_tables,
+                     region_of, register_region, resolve_regions, several_workers)
 
 __all__ = [
     "detect_sources",
@@ -168,15 +169,26 @@ def _resolve_background(ds: xr.Dataset, background: Any, nx: int, ny: int | None
                 "pass the result of tilepipe.estimate_background"
             )
         b = _lazy2d(background["background"], shape, "background", chunks)
-        r = _lazy2d(background["rms"], shape, "rms", chunks) if "rms" in background else da.sqrt(var)
+        r = _lazy2d(background["rms"], shape, "rms", chunks) if "rms" in background else _sqrt(var)
         return b, r
     if np.isscalar(background) and not isinstance(background, (str, bytes)):
         value = float(background)  # type: ignore[arg-type]
         if not np.isfinite(value):
             raise ValueError(f"background must be finite; got {background!r}")
         b = _lazy2d(np.broadcast_to(np.float32(value), shape), shape, "background", chunks)
-        return b, da.sqrt(var)
-    return _lazy2d(background, shape, "background", chunks), da.sqrt(var)
+        register_region(b, Region(_constant_region, {"value": np.float32(value), "dtype": np.float32}))
+        return b, _sqrt(var)
+    return _lazy2d(background, shape, "background", chunks), _sqrt(var)
+
+
+def _sqrt_region(ys: slice, xs: slice, *, a: np.ndarray) -> np.ndarray:
+    return np.sqrt(a)
+
+
+def _sqrt(var: da.Array) -> da.Array:
+    """``sqrt(var)``, keeping the variance's region (:class:`~tilepipe.tiling.Region`)."""
+    r = region_of(var)
+    return register_region(da.sqrt(var), None if r is None else Region(_sqrt_region, {"a": r}))
 
 
 def _empty_catalog(status: str = "ok") -> Table:
@@ -258,7 +270,9 @@ def _lazy2d(arr: Any, shape: tuple[int, int], name: str, chunks: tuple[tuple[int
     if isinstance(arr, da.Array):
         if arr.shape != tuple(shape):
             raise ValueError(f"{name} has shape {arr.shape} but the image has shape {tuple(shape)}; they must match")
-        return arr if arr.chunks == tuple(chunks) else arr.rechunk(chunks)
+        if arr.chunks == tuple(chunks):
+            return arr
+        return register_region(arr.rechunk(chunks), region_of(arr))  # same values, any chunks
     a = np.asarray(arr)
     if a.dtype.kind == "f" and not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
@@ -272,7 +286,8 @@ def _lazy2d(arr: Any, shape: tuple[int, int], name: str, chunks: tuple[tuple[int
     return da.Array(dsk, key, chunks, dtype=a.dtype, meta=np.empty((0, 0), dtype=a.dtype))
 
 
-def _bundle_block(img: np.ndarray, bkg: np.ndarray, rms: np.ndarray, var: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _bundle_block(img: np.ndarray, bkg: np.ndarray, rms: np.ndarray, var: np.ndarray, mask: np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """One chunk of the detection inputs as a ``(3, h, w)`` float32 stack, ready for sep.
 
     Plane 0: ``image - background``; plane 1: the threshold noise; plane 2:
@@ -282,7 +297,8 @@ def _bundle_block(img: np.ndarray, bkg: np.ndarray, rms: np.ndarray, var: np.nda
     the planes to sep without copying them.  One array instead of five keeps
     the graph small (one halo exchange per tile, not five).
     """
-    out = np.empty((3,) + np.shape(img), dtype=np.float32)
+    if out is None:
+        out = np.empty((3,) + np.shape(img), dtype=np.float32)
     data, err, v = out[0], out[1], out[2]
     np.subtract(_f32(img), _f32(bkg), out=data)
     np.copyto(err, np.asarray(rms), casting="unsafe")
@@ -447,6 +463,17 @@ _SCRATCH = threading.local()
 _SCRATCH_MAX = 16 * 2**20
 
 
+def _scratch(h: int, w: int) -> np.ndarray:
+    """A ``(3, h, w)`` float32 array in this thread's scratch buffer (valid until the next call)."""
+    n = 3 * h * w
+    buf = getattr(_SCRATCH, "buf", None)
+    if n > _SCRATCH_MAX:
+        buf = np.empty(n, dtype=np.float32)
+    elif buf is None or buf.size < n:
+        buf = _SCRATCH.buf = np.empty(n, dtype=np.float32)
+    return buf[:n].reshape(3, h, w)
+
+
 def _assemble(blocks: list[list[np.ndarray]]) -> np.ndarray:
     """The ``(3, h, w)`` box made of ``blocks[iy][ix]``, in this thread's scratch buffer (valid until the next call).
 
@@ -454,13 +481,7 @@ def _assemble(blocks: list[list[np.ndarray]]) -> np.ndarray:
     """
     h = sum(row[0].shape[1] for row in blocks)
     w = sum(b.shape[2] for b in blocks[0])
-    n = 3 * h * w
-    buf = getattr(_SCRATCH, "buf", None)
-    if n > _SCRATCH_MAX:
-        buf = np.empty(n, dtype=np.float32)
-    elif buf is None or buf.size < n:
-        buf = _SCRATCH.buf = np.empty(n, dtype=np.float32)
-    out = buf[:n].reshape(3, h, w)
+    out = _scratch(h, w)
     y = 0
     for row in blocks:
         x = 0
@@ -528,6 +549,49 @@ def _extract_tasks(bundle: da.Array, jobs: list[tuple[tuple[int, int, int, int],
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[bundle])
     (tables,) = dask.compute(Delayed(name, graph), optimize_graph=False)
     return list(tables)
+
+
+def _extract_window(regions: list[Region], **kwargs: Any) -> Table:
+    """:func:`_extract` on a window whose inputs are computed straight from their sources (regions)."""
+    y0, y1, x0, x1 = kwargs["origin"][0], kwargs.pop("y1"), kwargs["origin"][1], kwargs.pop("x1")
+    img, bkg, rms, var, mask = evaluate_regions(regions, slice(y0, y1), slice(x0, x1))
+    stack = _bundle_block(img, bkg, rms, var, mask, out=_scratch(y1 - y0, x1 - x0))
+    del img, bkg, rms, var, mask
+    return _extract(stack, **kwargs)  # _extract keeps no reference to the scratch buffer
+
+
+def _extract_region_tasks(regions: list[Region], jobs: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
+                          kwargs: dict[str, Any]) -> list[Table]:
+    """Compute :func:`_extract` for each ``(window, own)`` pair, each window read from the sources.
+
+    Every task computes its whole window (image, mask, variance, background
+    and noise) from the regions (:class:`~tilepipe.tiling.Region`): tasks
+    are independent, nothing travels between workers but the small region
+    specifications (once per worker), and a worker holds only the windows it
+    is working on, however large the image.
+    """
+    import uuid
+
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+    from dask.utils import apply
+
+    name = f"tilepipe-extract-{uuid.uuid4().hex}"
+    spec = [(name + "-regions", k) for k in range(len(regions))]
+    dsk: dict[Any, Any] = dict(zip(spec, regions))
+    for i, (w, own) in enumerate(jobs):
+        dsk[(name, i)] = (apply, _extract_window, [spec],
+                          {**kwargs, "origin": (w[0], w[2]), "y1": w[1], "x1": w[3], "own": own})
+    dsk[name] = (list, [(name, i) for i in range(len(jobs))])
+    (tables,) = dask.compute(Delayed(name, HighLevelGraph.from_collections(name, dsk, dependencies=[])),
+                             optimize_graph=False)
+    return list(tables)
+
+
+#: Whether :func:`detect_sources` reads each tile's window straight from the sources when every input
+#: has a region (files opened lazily, the default variance, the mesh background): set to False to
+#: force the chunk-exchange path (tests compare the two).
+_USE_REGIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("tilepipe_detect_regions", default=True)
 
 
 #: When set (by internal callers that treat the catalog as a by-product, e.g. PSF star detection),
@@ -669,14 +733,26 @@ def detect_sources(
     arrays = [_lazy2d(a, shape, n, chunks) for a, n in
               ((ds["image"].data, "image"), (bkg, "background"), (rms, "rms"), (ds["variance"].data, "variance"),
                (ds["mask"].data, "mask"))]
-    bundle = da.map_blocks(_bundle_block, *arrays, new_axis=0, chunks=((3,),) + tuple(chunks), dtype=np.float32,
-                           meta=np.empty((0, 0, 0), dtype=np.float32))
-    (bundle,) = dask.optimize(bundle)  # fuse the per-chunk chain (read, mask, variance, maps) once
+    regions = [region_of(a) for a in arrays]
+    if _USE_REGIONS.get() and all(r is not None for r in regions):
+        # every input can be computed on any rectangle (a file read lazily, the default variance, the
+        # mesh background): each tile task reads its own window, with no halo exchange between tasks
+        resolved = resolve_regions(regions)  # type: ignore[arg-type]
+
+        def run(jobs: list[Any]) -> list[Table]:
+            return _extract_region_tasks(resolved, jobs, kwargs)
+    else:
+        bundle = da.map_blocks(_bundle_block, *arrays, new_axis=0, chunks=((3,),) + tuple(chunks), dtype=np.float32,
+                               meta=np.empty((0, 0, 0), dtype=np.float32))
+        (bundle,) = dask.optimize(bundle)  # fuse the per-chunk chain (read, mask, variance, maps) once
+
+        def run(jobs: list[Any]) -> list[Table]:
+            return _extract_tasks(bundle, jobs, kwargs)
 
     def box(sl: tuple[slice, slice]) -> tuple[int, int, int, int]:
         return (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
 
-    tables = _extract_tasks(bundle, [(box(t.outer), box(t.core)) for t in grid.tiles], kwargs)
+    tables = run([(box(t.outer), box(t.core)) for t in grid.tiles])
 
     # objects cut by a halo edge: re-measure only windows around their groups, growing the halo 4x per round
     regrown: dict[int, int] = {}
@@ -693,7 +769,7 @@ def detect_sources(
                 jobs.append((w, r))
                 owners.append(k)
             regrown[k] = regrown.get(k, 0) + 1
-        results = _extract_tasks(bundle, jobs, kwargs)
+        results = run(jobs)
         nxt: dict[int, list[tuple[int, int, int, int]]] = {}
         for k in todo:
             mine = [(r, res) for (_, r), o, res in zip(jobs, owners, results) if o == k]

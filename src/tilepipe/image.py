@@ -279,11 +279,37 @@ def default_variance(image: da.Array, gain: float | None = None, max_sample: int
     variance).  :func:`tilepipe.estimate_background` gives a spatially varying
     ``rms`` when the sky noise varies across the field.
     """
+    return _default_variance(image, gain, max_sample)[0]
+
+
+def _default_variance(image: da.Array, gain: float | None = None, max_sample: int = 250_000) -> tuple[da.Array, da.Array]:
+    """:func:`default_variance` and its ``(sky, sigma_sky)`` statistics (a lazy 2-vector)."""
     h, w = image.shape
     stride = max(1, int(np.ceil(np.sqrt(h * w / max_sample))))
     sample = image[::stride, ::stride]
     stats = da.from_delayed(dask.delayed(_sky_and_noise)(sample, stride), shape=(2,), dtype=np.float64)
-    return image.map_blocks(_variance_block, stats, gain, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+    var = image.map_blocks(_variance_block, stats, gain, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+    return var, stats
+
+
+# Regions (tilepipe.tiling.Region) of the Dataset's arrays: the same per-pixel arithmetic as the chunk
+# graphs of make_dataset, on any rectangle, for tile tasks that read their own halo from the file.
+def _float32_region(ys: slice, xs: slice, *, a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _bad_region(ys: slice, xs: slice, *, img: np.ndarray, saturation: float | None,
+                mask: np.ndarray | None = None) -> np.ndarray:
+    bad = ~np.isfinite(img)
+    if saturation is not None:
+        bad |= img >= np.float32(saturation)
+    if mask is not None:
+        bad |= mask.astype(bool)
+    return bad
+
+
+def _variance_region(ys: slice, xs: slice, *, img: np.ndarray, stats: np.ndarray, gain: float | None) -> np.ndarray:
+    return _variance_block(img, stats, gain)
 
 
 # -------------------------------------------------------------------- dataset
@@ -315,6 +341,25 @@ def _to_dask(arr: Any, chunks: Any, name: str) -> da.Array:
 
 def _native_float32(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def _register_regions(image: Any, mask: Any, variance: Any, img: da.Array, bad: da.Array, var: da.Array,
+                      stats: da.Array | None, gain: float | None, saturation: float | None) -> None:
+    """Register regions for ``img, bad, var`` when their inputs can be read by rectangle (FITS files)."""
+    from .tiling import Region, region_of, register_region
+
+    src = region_of(image)
+    if src is None:
+        return
+    r_img = Region(_float32_region, {"a": src})
+    register_region(img, r_img)
+    r_mask = region_of(mask) if mask is not None else None
+    if mask is None or r_mask is not None:
+        register_region(bad, Region(_bad_region, {"img": r_img, "saturation": saturation, "mask": r_mask}))
+    if variance is None and stats is not None:
+        register_region(var, Region(_variance_region, {"img": r_img, "stats": stats, "gain": gain}))
+    elif variance is not None and region_of(variance) is not None:
+        register_region(var, Region(_float32_region, {"a": region_of(variance)}))
 
 
 def make_dataset(
@@ -371,8 +416,9 @@ def make_dataset(
         if m.shape != img.shape:
             raise ValueError(f"mask has shape {m.shape} but image has shape {img.shape}; they must match")
         bad = bad | m.astype(bool)
+    stats = None
     if variance is None:
-        var = default_variance(img, gain)
+        var, stats = _default_variance(img, gain)
     else:
         var = _to_dask(variance, img.chunks, "variance")
         if var.shape != img.shape:
@@ -383,10 +429,12 @@ def make_dataset(
             if c[0] == "BUNIT":
                 bunit = str(c[1])
         bunit = bunit or "adu"
+    bad, var = bad.rechunk(img.chunks), var.rechunk(img.chunks)
+    _register_regions(image, mask, variance, img, bad, var, stats, gain, saturation)
     data_vars = {
         "image": (("y", "x"), img),
-        "mask": (("y", "x"), bad.rechunk(img.chunks)),
-        "variance": (("y", "x"), var.rechunk(img.chunks)),
+        "mask": (("y", "x"), bad),
+        "variance": (("y", "x"), var),
     }
     for k, v in (extra or {}).items():
         data_vars[k] = (("y", "x"), _to_dask(v, img.chunks, k))

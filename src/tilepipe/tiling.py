@@ -33,7 +33,8 @@ from astropy.table import Table, vstack
 
 from ._validate import as_pair, check_int
 
-__all__ = ["Tile", "TileGrid", "map_tiles", "map_tiles_table", "split_edges"]
+__all__ = ["Region", "Tile", "TileGrid", "evaluate_regions", "map_tiles", "map_tiles_table", "region_of",
+           "register_region", "resolve_regions", "split_edges"]
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +355,106 @@ def several_workers() -> bool:
         return len(client.scheduler_info().get("workers", {})) > 1
     except Exception:  # noqa: BLE001 - a client that cannot answer: assume the general case
         return True
+
+
+# ---------------------------------------------------------------------------
+# regions: arrays whose any rectangle can be computed straight from their sources
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """How to compute any rectangle of a 2-D array directly from its sources.
+
+    ``func(ys, xs, **kwargs)`` returns the pixels ``[ys, xs]`` (global slices).
+    A ``kwargs`` value that is itself a :class:`Region` is evaluated on the
+    same rectangle first (once per evaluation, however often it is used); a
+    small :class:`dask.array.Array` value (a global statistic) is computed
+    once by :func:`resolve_regions` before any rectangle is.
+
+    Tile tasks of a heavy 2-D stencil (detection) use regions to read each
+    tile's outer box from the file instead of exchanging halos between
+    neighbouring chunks: every task is then independent, holds only its own
+    box, and a worker's memory does not grow with the image (the halo pixels
+    are read twice, a few per cent of the tile).
+    """
+
+    func: Callable[..., np.ndarray]
+    kwargs: dict[str, Any]
+
+
+#: dask array name -> Region.  Filled by the readers and the lazy maps that know how to compute a
+#: rectangle (FITS files, the default variance, the mesh background); any other operation on the
+#: array gives it a new name, which is simply not found here.
+_REGIONS: dict[str, Region] = {}
+_REGIONS_MAX = 4096
+
+
+def register_region(arr: Any, region: Region | None) -> Any:
+    """Record that ``region`` computes any rectangle of the dask array ``arr``; returns ``arr``."""
+    if region is not None and isinstance(arr, da.Array) and arr.ndim == 2:
+        if len(_REGIONS) >= _REGIONS_MAX:
+            for k in list(_REGIONS)[: _REGIONS_MAX // 4]:  # oldest first (dicts keep insertion order)
+                del _REGIONS[k]
+        _REGIONS[arr.name] = region
+    return arr
+
+
+def region_of(arr: Any) -> Region | None:
+    """The :class:`Region` registered for ``arr`` (a dask array or DataArray), or None."""
+    if hasattr(arr, "dims") and hasattr(arr, "data") and not isinstance(arr, (np.ndarray, da.Array)):
+        arr = arr.data
+    return _REGIONS.get(arr.name) if isinstance(arr, da.Array) else None
+
+
+def resolve_regions(regions: Sequence[Region]) -> list[Region]:
+    """Copies of ``regions`` with every dask-array argument computed (in one :func:`dask.compute`)."""
+    lazy: dict[int, da.Array] = {}
+
+    def collect(r: Region) -> None:
+        for v in r.kwargs.values():
+            if isinstance(v, Region):
+                collect(v)
+            elif isinstance(v, da.Array):
+                lazy[id(v)] = v
+
+    for r in regions:
+        collect(r)
+    if not lazy:
+        return list(regions)
+    values = dict(zip(lazy, dask.compute(*lazy.values())))
+    done: dict[int, Region] = {}
+
+    def swap(r: Region) -> Region:
+        if id(r) not in done:
+            kw = {k: swap(v) if isinstance(v, Region) else values.get(id(v), v) if isinstance(v, da.Array) else v
+                  for k, v in r.kwargs.items()}
+            done[id(r)] = Region(r.func, kw)
+        return done[id(r)]
+
+    return [swap(r) for r in regions]
+
+
+def evaluate_regions(regions: Sequence[Region], ys: slice, xs: slice) -> list[np.ndarray]:
+    """The rectangle ``[ys, xs]`` of each (resolved) region; shared sub-regions are computed once."""
+    memo: dict[int, np.ndarray] = {}
+
+    def ev(r: Region) -> np.ndarray:
+        if id(r) not in memo:
+            kw = {k: ev(v) if isinstance(v, Region) else v for k, v in r.kwargs.items()}
+            memo[id(r)] = r.func(ys, xs, **kw)
+        return memo[id(r)]
+
+    return [ev(r) for r in regions]
+
+
+def _read_region(ys: slice, xs: slice, *, source: Any) -> np.ndarray:
+    """A rectangle of an array-like that supports 2-D slicing (a file reader, a zarr array)."""
+    return np.asarray(source[ys, xs])
+
+
+def _constant_region(ys: slice, xs: slice, *, value: Any, dtype: Any) -> np.ndarray:
+    return np.full((ys.stop - ys.start, xs.stop - xs.start), value, dtype=dtype)
 
 
 def _overlapped(arrays: Sequence[Any], grid: TileGrid) -> list[da.Array]:

@@ -45,6 +45,7 @@ import xarray as xr
 from astropy.io import fits
 
 from . import _fs
+from ..tiling import Region, _read_region, region_of, register_region
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +486,13 @@ def _lazy_hdu(hdul: Any, idx: int, url: str, chunks: Any, storage_options: dict[
         # differs between optimised and unoptimised graphs (dask/dask#9888 warnings on a cluster)
         inline_array=True,
     )
+    # any rectangle can be read straight from the file (tile tasks that read their own halo use this)
+    register_region(arr, Region(_read_region, {"source": reader}))
     return arr, header
+
+
+def _nonzero_region(ys: slice, xs: slice, *, a: np.ndarray) -> np.ndarray:
+    return a != 0
 
 
 def _clean_header(header: fits.Header, url: str) -> fits.Header:
@@ -611,7 +618,8 @@ def read_fits_dataset(
                     continue
                 arr, hh = _lazy_hdu(hdul, j, url, data.chunks, storage_options)
                 if hh.get("TPDTYPE") == "bool" or h.name == "MASK":
-                    arr = arr != 0
+                    src = region_of(arr)
+                    arr = register_region(arr != 0, Region(_nonzero_region, {"a": src}))
                 planes[h.name.lower()] = arr
         return data, header, planes
 
