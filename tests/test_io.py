@@ -757,3 +757,25 @@ def test_fits_regions_equal_the_chunk_graph(tmp_path, planes):
             assert g.dtype == want.dtype
             np.testing.assert_array_equal(g, want)
     assert region_of((ds["image"] * 2).data) is None  # an operation on the array is not a file read
+
+
+def test_strided_fits_read_equals_numpy_striding(tmp_path):
+    """A strided slice (the default variance's sample) is read row by row from the file, same values."""
+    data = (np.arange(97 * 131, dtype=np.int32).reshape(97, 131) - 5000).astype(">i2")
+    path = tmp_path / "s.fits"
+    hdu = fits.PrimaryHDU(data)
+    hdu.header["BZERO"], hdu.header["BSCALE"] = 10.0, 0.5
+    hdu.writeto(path)
+    from tilepipe.tiling import evaluate_regions, region_of
+
+    arr, _ = tio.read_fits(str(path), chunks=40)
+    want = fits.getdata(path).astype(np.float64)
+    for key in [(slice(None, None, 7), slice(None, None, 3)), (slice(3, 90, 5), slice(None)),
+                (slice(None), slice(1, 130, 4))]:
+        (got,) = evaluate_regions([region_of(arr)], *key)
+        np.testing.assert_array_equal(np.asarray(got, dtype=np.float64), want[key])
+        np.testing.assert_array_equal(np.asarray(arr[key].compute(), dtype=np.float64), want[key])
+    # the default variance's statistics come from such a sample: the same as from the in-memory image
+    img = fits.getdata(path).astype(np.float32)
+    np.testing.assert_array_equal(tp.open_image(str(path), gain=2.0)["variance"].values,
+                                  tp.open_image(img, gain=2.0)["variance"].values)

@@ -282,14 +282,29 @@ def default_variance(image: da.Array, gain: float | None = None, max_sample: int
     return _default_variance(image, gain, max_sample)[0]
 
 
-def _default_variance(image: da.Array, gain: float | None = None, max_sample: int = 250_000) -> tuple[da.Array, da.Array]:
-    """:func:`default_variance` and its ``(sky, sigma_sky)`` statistics (a lazy 2-vector)."""
+def _default_variance(image: da.Array, gain: float | None = None, max_sample: int = 250_000,
+                      region: Any = None) -> tuple[da.Array, da.Array]:
+    """:func:`default_variance` and its ``(sky, sigma_sky)`` statistics (a lazy 2-vector).
+
+    With the image's ``region`` (:class:`tilepipe.tiling.Region`), one task
+    reads the strided sample straight from the file (only the sampled rows)
+    instead of reading every chunk whole and striding it: the same pixels.
+    """
     h, w = image.shape
     stride = max(1, int(np.ceil(np.sqrt(h * w / max_sample))))
-    sample = image[::stride, ::stride]
+    if region is not None:
+        sample = dask.delayed(_sample_region)(region, stride, (h, w))
+    else:
+        sample = image[::stride, ::stride]
     stats = da.from_delayed(dask.delayed(_sky_and_noise)(sample, stride), shape=(2,), dtype=np.float64)
     var = image.map_blocks(_variance_block, stats, gain, dtype=np.float32, meta=np.empty((0, 0), np.float32))
     return var, stats
+
+
+def _sample_region(region: Any, stride: int, shape: tuple[int, int]) -> np.ndarray:
+    from .tiling import evaluate_regions
+
+    return evaluate_regions([region], slice(0, shape[0], stride), slice(0, shape[1], stride))[0]
 
 
 # Regions (tilepipe.tiling.Region) of the Dataset's arrays: the same per-pixel arithmetic as the chunk
@@ -343,15 +358,13 @@ def _native_float32(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(block, dtype=np.float32)
 
 
-def _register_regions(image: Any, mask: Any, variance: Any, img: da.Array, bad: da.Array, var: da.Array,
+def _register_regions(r_img: Any, mask: Any, variance: Any, img: da.Array, bad: da.Array, var: da.Array,
                       stats: da.Array | None, gain: float | None, saturation: float | None) -> None:
     """Register regions for ``img, bad, var`` when their inputs can be read by rectangle (FITS files)."""
     from .tiling import Region, region_of, register_region
 
-    src = region_of(image)
-    if src is None:
+    if r_img is None:
         return
-    r_img = Region(_float32_region, {"a": src})
     register_region(img, r_img)
     r_mask = region_of(mask) if mask is not None else None
     if mask is None or r_mask is not None:
@@ -416,9 +429,12 @@ def make_dataset(
         if m.shape != img.shape:
             raise ValueError(f"mask has shape {m.shape} but image has shape {img.shape}; they must match")
         bad = bad | m.astype(bool)
+    from .tiling import Region, region_of
+
     stats = None
+    r_img = None if region_of(image) is None else Region(_float32_region, {"a": region_of(image)})
     if variance is None:
-        var, stats = _default_variance(img, gain)
+        var, stats = _default_variance(img, gain, region=r_img)
     else:
         var = _to_dask(variance, img.chunks, "variance")
         if var.shape != img.shape:
@@ -430,7 +446,7 @@ def make_dataset(
                 bunit = str(c[1])
         bunit = bunit or "adu"
     bad, var = bad.rechunk(img.chunks), var.rechunk(img.chunks)
-    _register_regions(image, mask, variance, img, bad, var, stats, gain, saturation)
+    _register_regions(r_img, mask, variance, img, bad, var, stats, gain, saturation)
     data_vars = {
         "image": (("y", "x"), img),
         "mask": (("y", "x"), bad),
