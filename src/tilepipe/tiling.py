@@ -407,45 +407,52 @@ def region_of(arr: Any) -> Region | None:
     return _REGIONS.get(arr.name) if isinstance(arr, da.Array) else None
 
 
+def _lazy_args(r: Region, out: dict[int, da.Array]) -> None:
+    for v in r.kwargs.values():
+        if isinstance(v, Region):
+            _lazy_args(v, out)
+        elif isinstance(v, da.Array):
+            out[id(v)] = v
+
+
+def _swap_args(r: Region, values: dict[int, Any], done: dict[int, Region]) -> Region:
+    if id(r) not in done:
+        kw = {k: _swap_args(v, values, done) if isinstance(v, Region)
+              else values.get(id(v), v) if isinstance(v, da.Array) else v
+              for k, v in r.kwargs.items()}
+        done[id(r)] = Region(r.func, kw)
+    return done[id(r)]
+
+
 def resolve_regions(regions: Sequence[Region]) -> list[Region]:
     """Copies of ``regions`` with every dask-array argument computed (in one :func:`dask.compute`)."""
     lazy: dict[int, da.Array] = {}
-
-    def collect(r: Region) -> None:
-        for v in r.kwargs.values():
-            if isinstance(v, Region):
-                collect(v)
-            elif isinstance(v, da.Array):
-                lazy[id(v)] = v
-
     for r in regions:
-        collect(r)
+        _lazy_args(r, lazy)
     if not lazy:
         return list(regions)
     values = dict(zip(lazy, dask.compute(*lazy.values())))
     done: dict[int, Region] = {}
+    return [_swap_args(r, values, done) for r in regions]
 
-    def swap(r: Region) -> Region:
-        if id(r) not in done:
-            kw = {k: swap(v) if isinstance(v, Region) else values.get(id(v), v) if isinstance(v, da.Array) else v
-                  for k, v in r.kwargs.items()}
-            done[id(r)] = Region(r.func, kw)
-        return done[id(r)]
 
-    return [swap(r) for r in regions]
+def _evaluate(r: Region, ys: slice, xs: slice, memo: dict[int, np.ndarray]) -> np.ndarray:
+    if id(r) not in memo:
+        kw = {k: _evaluate(v, ys, xs, memo) if isinstance(v, Region) else v for k, v in r.kwargs.items()}
+        memo[id(r)] = r.func(ys, xs, **kw)
+    return memo[id(r)]
 
 
 def evaluate_regions(regions: Sequence[Region], ys: slice, xs: slice) -> list[np.ndarray]:
-    """The rectangle ``[ys, xs]`` of each (resolved) region; shared sub-regions are computed once."""
+    """The rectangle ``[ys, xs]`` of each (resolved) region; shared sub-regions are computed once.
+
+    Plain recursion with an explicit memo (no recursive closure: a closure
+    that refers to itself is a reference cycle, and its memo, holding every
+    intermediate image of the window, would live until the next garbage
+    collection).
+    """
     memo: dict[int, np.ndarray] = {}
-
-    def ev(r: Region) -> np.ndarray:
-        if id(r) not in memo:
-            kw = {k: ev(v) if isinstance(v, Region) else v for k, v in r.kwargs.items()}
-            memo[id(r)] = r.func(ys, xs, **kw)
-        return memo[id(r)]
-
-    return [ev(r) for r in regions]
+    return [_evaluate(r, ys, xs, memo) for r in regions]
 
 
 def _read_region(ys: slice, xs: slice, *, source: Any) -> np.ndarray:

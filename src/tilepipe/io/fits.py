@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import os
 import re
 import shutil
 import threading
@@ -383,10 +384,12 @@ class FitsChunkReader:
         if self.mode == "raw" and self.compression is None and self._local is not None and _strided(key):
             # a strided sample (e.g. the default variance's sky statistics): read only the sampled rows
             ny, nx = self.shape
-            mm = np.memmap(self._local, dtype=_raw_dtype(self.bitpix), mode="r", offset=self.data_offset,
-                           shape=(ny, nx))
-            raw = np.array(mm[key])
-            del mm
+            rows = np.arange(ny)[key[0]]
+            cols = np.arange(nx)[key[1]]
+            if rows.size == 0 or cols.size == 0:
+                return np.empty((rows.size, cols.size), dtype=self.dtype)
+            x0 = int(cols.min())
+            raw = self._pread_rows(rows, slice(x0, int(cols.max()) + 1))[:, cols - x0]
             return _convert(raw, self.dtype, self.bscale, self.bzero, self.blank)
         ys, xs, rest = self._box(key)
         h, w = ys.stop - ys.start, xs.stop - xs.start
@@ -428,9 +431,7 @@ class FitsChunkReader:
             flat = np.frombuffer(buf, dtype=raw_dt, count=count)
             raw = np.lib.stride_tricks.as_strided(flat, shape=(h, w), strides=(nx * isz, isz)).copy()
         elif self._local is not None:
-            mm = np.memmap(self._local, dtype=raw_dt, mode="r", offset=self.data_offset, shape=(ny, nx))
-            raw = np.array(mm[ys, xs])
-            del mm
+            raw = self._pread_rows(np.arange(ys.start, ys.stop), xs)
         else:
             fs = self._state.get("fs")
             if fs is None:
@@ -444,6 +445,40 @@ class FitsChunkReader:
             flat = np.frombuffer(buf, dtype=raw_dt, count=count)
             raw = np.lib.stride_tricks.as_strided(flat, shape=(h, w), strides=(nx * isz, isz)).copy()
         return _convert(raw, self.dtype, self.bscale, self.bzero, self.blank)
+
+    def _pread_rows(self, rows: np.ndarray, xs: slice) -> np.ndarray:
+        """Raw pixels ``[rows, xs]`` of a local uncompressed file, read with ``pread`` (one call per row,
+        or one for whole consecutive rows).
+
+        Not a memory map: mapped file pages count in the process's resident memory while mapped (and
+        a read fault maps its neighbours too), which made a worker's measured memory depend on the page
+        cache; ``pread`` copies only the pixels asked for.
+        """
+        ny, nx = self.shape
+        raw_dt = _raw_dtype(self.bitpix)
+        isz = raw_dt.itemsize
+        w = xs.stop - xs.start
+        out = np.empty((len(rows), w), dtype=raw_dt)
+        mv = memoryview(out).cast("B")
+        wb = w * isz
+        offsets = (self.data_offset + xs.start * isz + np.asarray(rows, dtype=np.int64) * (nx * isz)).tolist()
+        if w == nx and len(rows) > 1 and np.all(np.diff(rows) == 1):
+            spans = [(mv, offsets[0])]  # whole consecutive rows: one read
+        else:
+            spans = [(mv[i * wb:(i + 1) * wb], off) for i, off in enumerate(offsets)]
+        fd = os.open(self._local, os.O_RDONLY)
+        try:
+            preadv = os.preadv
+            for buf, offset in spans:
+                n = preadv(fd, [buf], offset)
+                while n < buf.nbytes:  # a short read (rare): go on from where it stopped
+                    k = preadv(fd, [buf[n:]], offset + n)
+                    if k <= 0:
+                        raise OSError(f"{self._local}: the file ends before the image data does (truncated?)")
+                    n += k
+        finally:
+            os.close(fd)
+        return out
 
     def _read_section(self, ys: slice, xs: slice) -> np.ndarray:
         with self._lock:  # one open file per reader; astropy file access is not thread-safe
