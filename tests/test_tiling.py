@@ -228,3 +228,24 @@ def test_regions_resolve_dask_arguments_once_and_share_sub_regions():
     assert calls == [(ys, xs)]  # the source was read once for both
     np.testing.assert_array_equal(got_src, base[ys, xs])
     np.testing.assert_array_equal(got, arr[ys, xs].compute())
+
+
+def test_bound_regions_filled_in_a_graph_equal_resolved_regions():
+    """bind_regions/fill_regions: the statistics computed inside the graph that uses them, same values."""
+    from tilepipe.tiling import Region, bind_regions, evaluate_regions, fill_regions, resolve_regions
+
+    base = np.random.default_rng(1).normal(size=(40, 50))
+    offset = dask.array.from_array(base, chunks=10).mean()  # a lazy global statistic, several chunks
+
+    def shifted(ys, xs, *, a, off):
+        return a[ys, xs] - off
+
+    reg = Region(shifted, {"a": base, "off": offset})
+    templates, lazies = bind_regions([reg])
+    assert len(lazies) == 1 and lazies[0].npartitions == 1
+    assert not any(isinstance(v, dask.array.Array) for v in templates[0].kwargs.values())
+    filled = dask.delayed(fill_regions)(templates, [lazies[0]]).compute()
+    ys, xs = slice(3, 31), slice(9, 50)
+    np.testing.assert_array_equal(evaluate_regions(filled, ys, xs)[0],
+                                  evaluate_regions(resolve_regions([reg]), ys, xs)[0])
+    np.testing.assert_allclose(evaluate_regions(filled, ys, xs)[0], base[ys, xs] - base.mean(), rtol=1e-12)

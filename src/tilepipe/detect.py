@@ -52,8 +52,8 @@ from astropy.table import Table, vstack
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning, NoDetectionsWarning, OverlapWarning
-from .tiling import (Region, Tile, TileGrid, _constant_region, evaluate_regions, make_grid, merge_tables,
-                     region_of, register_region, resolve_regions, several_workers)
+from .tiling import (Region, Tile, TileGrid, _constant_region, bind_regions, evaluate_regions, fill_regions,
+                     make_grid, merge_tables, region_of, register_region, several_workers)
 
 __all__ = [
     "detect_sources",
@@ -560,32 +560,46 @@ def _extract_window(regions: list[Region], **kwargs: Any) -> Table:
     return _extract(stack, **kwargs)  # _extract keeps no reference to the scratch buffer
 
 
+def _collect(tables: list[Table], regions: list[Region]) -> tuple[list[Table], list[Region]]:
+    return tables, regions
+
+
 def _extract_region_tasks(regions: list[Region], jobs: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
-                          kwargs: dict[str, Any]) -> list[Table]:
+                          kwargs: dict[str, Any]) -> tuple[list[Table], list[Region]]:
     """Compute :func:`_extract` for each ``(window, own)`` pair, each window read from the sources.
 
     Every task computes its whole window (image, mask, variance, background
     and noise) from the regions (:class:`~tilepipe.tiling.Region`): tasks
     are independent, nothing travels between workers but the small region
     specifications (once per worker), and a worker holds only the windows it
-    is working on, however large the image.
+    is working on, however large the image.  Global statistics the regions
+    still need (the default variance's sky) are computed in the same graph,
+    before the windows (one round trip); the regions come back with them
+    filled in, for the re-measurement rounds.
     """
     import uuid
 
+    from dask.core import flatten
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
     from dask.utils import apply
 
+    templates, lazies = bind_regions(regions)
     name = f"tilepipe-extract-{uuid.uuid4().hex}"
-    spec = [(name + "-regions", k) for k in range(len(regions))]
-    dsk: dict[Any, Any] = dict(zip(spec, regions))
+    spec = [(name + "-regions", k) for k in range(len(templates))]
+    values = [next(iter(flatten(a.__dask_keys__()))) for a in lazies]
+    dsk: dict[Any, Any] = {key: (apply, _fill_one, [t, values], {}) for key, t in zip(spec, templates)}
     for i, (w, own) in enumerate(jobs):
         dsk[(name, i)] = (apply, _extract_window, [spec],
                           {**kwargs, "origin": (w[0], w[2]), "y1": w[1], "x1": w[3], "own": own})
-    dsk[name] = (list, [(name, i) for i in range(len(jobs))])
-    (tables,) = dask.compute(Delayed(name, HighLevelGraph.from_collections(name, dsk, dependencies=[])),
-                             optimize_graph=False)
-    return list(tables)
+    dsk[name] = (_collect, [(name, i) for i in range(len(jobs))], spec)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=lazies)
+    (out,) = dask.compute(Delayed(name, graph), optimize_graph=False)
+    return list(out[0]), list(out[1])
+
+
+def _fill_one(template: Region, values: list[Any]) -> Region:
+    return fill_regions([template], values)[0]
 
 
 #: Whether :func:`detect_sources` reads each tile's window straight from the sources when every input
@@ -737,10 +751,11 @@ def detect_sources(
     if _USE_REGIONS.get() and all(r is not None for r in regions):
         # every input can be computed on any rectangle (a file read lazily, the default variance, the
         # mesh background): each tile task reads its own window, with no halo exchange between tasks
-        resolved = resolve_regions(regions)  # type: ignore[arg-type]
+        state = {"regions": regions}
 
         def run(jobs: list[Any]) -> list[Table]:
-            return _extract_region_tasks(resolved, jobs, kwargs)
+            tables, state["regions"] = _extract_region_tasks(state["regions"], jobs, kwargs)  # type: ignore[arg-type]
+            return tables
     else:
         bundle = da.map_blocks(_bundle_block, *arrays, new_axis=0, chunks=((3,),) + tuple(chunks), dtype=np.float32,
                                meta=np.empty((0, 0, 0), dtype=np.float32))

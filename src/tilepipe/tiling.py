@@ -33,8 +33,8 @@ from astropy.table import Table, vstack
 
 from ._validate import as_pair, check_int
 
-__all__ = ["Region", "Tile", "TileGrid", "evaluate_regions", "map_tiles", "map_tiles_table", "region_of",
-           "register_region", "resolve_regions", "split_edges"]
+__all__ = ["Region", "Tile", "TileGrid", "bind_regions", "evaluate_regions", "fill_regions", "map_tiles",
+           "map_tiles_table", "region_of", "register_region", "resolve_regions", "split_edges"]
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,43 @@ def resolve_regions(regions: Sequence[Region]) -> list[Region]:
     values = dict(zip(lazy, dask.compute(*lazy.values())))
     done: dict[int, Region] = {}
     return [_swap_args(r, values, done) for r in regions]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Placeholder for the ``index``-th lazy argument of a bound region (see :func:`bind_regions`)."""
+
+    index: int
+
+
+def bind_regions(regions: Sequence[Region]) -> tuple[list[Region], list[da.Array]]:
+    """Split ``regions`` into templates (dask arguments replaced by slots) and those single-chunk arrays.
+
+    For graphs that compute the global statistics and use them in the same
+    run: pass each array's key to :func:`fill_regions` inside a task.
+    """
+    lazy: dict[int, da.Array] = {}
+    for r in regions:
+        _lazy_args(r, lazy)
+    slots = {k: _Slot(i) for i, k in enumerate(lazy)}
+    done: dict[int, Region] = {}
+    templates = [_swap_args(r, slots, done) for r in regions]
+    arrays = [a if a.npartitions == 1 else a.rechunk(a.shape) for a in lazy.values()]
+    return templates, arrays
+
+
+def _fill(r: Region, values: Sequence[Any], done: dict[int, Region]) -> Region:
+    if id(r) not in done:
+        kw = {k: _fill(v, values, done) if isinstance(v, Region) else values[v.index] if isinstance(v, _Slot) else v
+              for k, v in r.kwargs.items()}
+        done[id(r)] = Region(r.func, kw)
+    return done[id(r)]
+
+
+def fill_regions(templates: Sequence[Region], values: Sequence[Any]) -> list[Region]:
+    """The regions of :func:`bind_regions` with their slots filled by the computed ``values``."""
+    done: dict[int, Region] = {}
+    return [_fill(r, values, done) for r in templates]
 
 
 def _evaluate(r: Region, ys: slice, xs: slice, memo: dict[int, np.ndarray]) -> np.ndarray:
