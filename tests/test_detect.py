@@ -278,8 +278,8 @@ def test_windows_read_from_the_file_equal_chunk_exchange_and_whole(tmp_path, fie
 
     path = _field_file(tmp_path, field)
     calls = []
-    run = det._extract_region_tasks
-    monkeypatch.setattr(det, "_extract_region_tasks", lambda *a: calls.append(len(a[1])) or run(*a))
+    run = det.map_windows
+    monkeypatch.setattr(det, "map_windows", lambda f, r, w, *a, **k: calls.append(len(w)) or run(f, r, w, *a, **k))
     ds = tp.open_image(path, chunks=256)
     whole = tp.detect_sources(ds, nsigma=2.0)  # background=None: estimated inside, lazily
     tiled = tp.detect_sources(ds, nsigma=2.0, nx=3, ny=2)

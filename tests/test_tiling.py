@@ -249,3 +249,25 @@ def test_bound_regions_filled_in_a_graph_equal_resolved_regions():
     np.testing.assert_array_equal(evaluate_regions(filled, ys, xs)[0],
                                   evaluate_regions(resolve_regions([reg]), ys, xs)[0])
     np.testing.assert_allclose(evaluate_regions(filled, ys, xs)[0], base[ys, xs] - base.mean(), rtol=1e-12)
+
+
+def test_map_windows_computes_each_window_from_its_sources():
+    from tilepipe.tiling import Region, map_windows
+
+    base = np.random.default_rng(2).normal(size=(60, 70))
+    mean = dask.array.from_array(base, chunks=20).mean()  # a lazy global statistic
+
+    def centred(ys, xs, *, a, m):
+        return a[ys, xs] - m
+
+    regions = [Region(centred, {"a": base, "m": mean})]
+    windows = [(0, 30, 0, 35), (25, 60, 30, 70)]
+
+    def total(pix, *, window, scale, tag):
+        return tag, window, scale * float(pix.sum())
+
+    res, filled = map_windows(total, regions, windows, [{"tag": "a"}, {"tag": "b"}], scale=2.0)
+    for (tag, w, got), want_w, want_tag in zip(res, windows, "ab"):
+        assert tag == want_tag and w == want_w
+        np.testing.assert_allclose(got, 2.0 * (base[w[0]:w[1], w[2]:w[3]] - base.mean()).sum(), rtol=1e-10)
+    assert not isinstance(filled[0].kwargs["m"], dask.array.Array)  # statistics come back computed

@@ -463,7 +463,7 @@ def _solve_poly(A: np.ndarray, b: np.ndarray, n: int, order: int) -> np.ndarray:
 
 
 def _eval_poly_tile(block, *, tile: Tile, coef: np.ndarray, shape) -> np.ndarray:
-    return _poly_eval(coef, *tile.core, shape).astype(np.float32)
+    return _eval_poly_region(*tile.core, coef=coef, shape=shape)
 
 
 def _eval_poly_region(ys: slice, xs: slice, *, coef: np.ndarray, shape) -> np.ndarray:

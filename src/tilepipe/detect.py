@@ -52,8 +52,8 @@ from astropy.table import Table, vstack
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning, NoDetectionsWarning, OverlapWarning
-from .tiling import (Region, Tile, TileGrid, _constant_region, bind_regions, evaluate_regions, fill_regions,
-                     make_grid, merge_tables, region_of, register_region, several_workers)
+from .tiling import (Region, Tile, TileGrid, _constant_region, make_grid, map_windows, merge_tables, region_of,
+                     register_region, several_workers)
 
 __all__ = [
     "detect_sources",
@@ -551,55 +551,13 @@ def _extract_tasks(bundle: da.Array, jobs: list[tuple[tuple[int, int, int, int],
     return list(tables)
 
 
-def _extract_window(regions: list[Region], **kwargs: Any) -> Table:
-    """:func:`_extract` on a window whose inputs are computed straight from their sources (regions)."""
-    y0, y1, x0, x1 = kwargs["origin"][0], kwargs.pop("y1"), kwargs["origin"][1], kwargs.pop("x1")
-    img, bkg, rms, var, mask = evaluate_regions(regions, slice(y0, y1), slice(x0, x1))
-    stack = _bundle_block(img, bkg, rms, var, mask, out=_scratch(y1 - y0, x1 - x0))
+def _extract_window(img: np.ndarray, bkg: np.ndarray, rms: np.ndarray, var: np.ndarray, mask: np.ndarray, *,
+                    window: tuple[int, int, int, int], **kwargs: Any) -> Table:
+    """:func:`_extract` on a window whose inputs were computed straight from their sources
+    (:func:`tilepipe.tiling.map_windows`), its stack built in this thread's scratch buffer."""
+    stack = _bundle_block(img, bkg, rms, var, mask, out=_scratch(window[1] - window[0], window[3] - window[2]))
     del img, bkg, rms, var, mask
-    return _extract(stack, **kwargs)  # _extract keeps no reference to the scratch buffer
-
-
-def _collect(tables: list[Table], regions: list[Region]) -> tuple[list[Table], list[Region]]:
-    return tables, regions
-
-
-def _extract_region_tasks(regions: list[Region], jobs: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
-                          kwargs: dict[str, Any]) -> tuple[list[Table], list[Region]]:
-    """Compute :func:`_extract` for each ``(window, own)`` pair, each window read from the sources.
-
-    Every task computes its whole window (image, mask, variance, background
-    and noise) from the regions (:class:`~tilepipe.tiling.Region`): tasks
-    are independent, nothing travels between workers but the small region
-    specifications (once per worker), and a worker holds only the windows it
-    is working on, however large the image.  Global statistics the regions
-    still need (the default variance's sky) are computed in the same graph,
-    before the windows (one round trip); the regions come back with them
-    filled in, for the re-measurement rounds.
-    """
-    import uuid
-
-    from dask.core import flatten
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-    from dask.utils import apply
-
-    templates, lazies = bind_regions(regions)
-    name = f"tilepipe-extract-{uuid.uuid4().hex}"
-    spec = [(name + "-regions", k) for k in range(len(templates))]
-    values = [next(iter(flatten(a.__dask_keys__()))) for a in lazies]
-    dsk: dict[Any, Any] = {key: (apply, _fill_one, [t, values], {}) for key, t in zip(spec, templates)}
-    for i, (w, own) in enumerate(jobs):
-        dsk[(name, i)] = (apply, _extract_window, [spec],
-                          {**kwargs, "origin": (w[0], w[2]), "y1": w[1], "x1": w[3], "own": own})
-    dsk[name] = (_collect, [(name, i) for i in range(len(jobs))], spec)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=lazies)
-    (out,) = dask.compute(Delayed(name, graph), optimize_graph=False)
-    return list(out[0]), list(out[1])
-
-
-def _fill_one(template: Region, values: list[Any]) -> Region:
-    return fill_regions([template], values)[0]
+    return _extract(stack, origin=(window[0], window[2]), **kwargs)  # keeps no reference to the scratch buffer
 
 
 #: Whether :func:`detect_sources` reads each tile's window straight from the sources when every input
@@ -754,7 +712,8 @@ def detect_sources(
         state = {"regions": regions}
 
         def run(jobs: list[Any]) -> list[Table]:
-            tables, state["regions"] = _extract_region_tasks(state["regions"], jobs, kwargs)  # type: ignore[arg-type]
+            tables, state["regions"] = map_windows(_extract_window, state["regions"], [w for w, _ in jobs],
+                                                   [{"own": own} for _, own in jobs], **kwargs)
             return tables
     else:
         bundle = da.map_blocks(_bundle_block, *arrays, new_axis=0, chunks=((3,),) + tuple(chunks), dtype=np.float32,

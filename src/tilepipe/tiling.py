@@ -34,7 +34,7 @@ from astropy.table import Table, vstack
 from ._validate import as_pair, check_int
 
 __all__ = ["Region", "Tile", "TileGrid", "bind_regions", "evaluate_regions", "fill_regions", "map_tiles",
-           "map_tiles_table", "region_of", "register_region", "resolve_regions", "split_edges"]
+           "map_tiles_table", "map_windows", "region_of", "register_region", "resolve_regions", "split_edges"]
 
 log = logging.getLogger(__name__)
 
@@ -415,10 +415,10 @@ def _lazy_args(r: Region, out: dict[int, da.Array]) -> None:
             out[id(v)] = v
 
 
-def _swap_args(r: Region, values: dict[int, Any], done: dict[int, Region]) -> Region:
+def _swap_args(r: Region, slots: dict[int, Any], done: dict[int, Region]) -> Region:
     if id(r) not in done:
-        kw = {k: _swap_args(v, values, done) if isinstance(v, Region)
-              else values.get(id(v), v) if isinstance(v, da.Array) else v
+        kw = {k: _swap_args(v, slots, done) if isinstance(v, Region)
+              else slots.get(id(v), v) if isinstance(v, da.Array) else v
               for k, v in r.kwargs.items()}
         done[id(r)] = Region(r.func, kw)
     return done[id(r)]
@@ -426,14 +426,8 @@ def _swap_args(r: Region, values: dict[int, Any], done: dict[int, Region]) -> Re
 
 def resolve_regions(regions: Sequence[Region]) -> list[Region]:
     """Copies of ``regions`` with every dask-array argument computed (in one :func:`dask.compute`)."""
-    lazy: dict[int, da.Array] = {}
-    for r in regions:
-        _lazy_args(r, lazy)
-    if not lazy:
-        return list(regions)
-    values = dict(zip(lazy, dask.compute(*lazy.values())))
-    done: dict[int, Region] = {}
-    return [_swap_args(r, values, done) for r in regions]
+    templates, arrays = bind_regions(regions)
+    return fill_regions(templates, dask.compute(*arrays)) if arrays else list(regions)
 
 
 @dataclass(frozen=True)
@@ -490,6 +484,51 @@ def evaluate_regions(regions: Sequence[Region], ys: slice, xs: slice) -> list[np
     """
     memo: dict[int, np.ndarray] = {}
     return [_evaluate(r, ys, xs, memo) for r in regions]
+
+
+def _window_task(func: Callable[..., Any], regions: list[Region], window: tuple[int, int, int, int],
+                 kwargs: dict[str, Any]) -> Any:
+    pixels = evaluate_regions(regions, slice(window[0], window[1]), slice(window[2], window[3]))
+    return func(*pixels, window=window, **kwargs)
+
+
+def map_windows(func: Callable[..., Any], regions: Sequence[Region], windows: Sequence[tuple[int, int, int, int]],
+                per_window: Sequence[dict[str, Any]] | None = None, **kwargs: Any) -> tuple[list[Any], list[Region]]:
+    """Run ``func`` on each window, its inputs computed straight from their sources: one independent task each.
+
+    ``func(*pixels, window=(y0, y1, x0, x1), **kwargs, **per_window[i])``
+    receives the rectangle ``[y0:y1, x0:x1]`` of every region (in the order of
+    ``regions``).  No task depends on another (no halo exchange between
+    tiles): a worker holds only the windows it is working on, however large
+    the image, and nothing travels but the region recipes (once per worker)
+    and the results.  The regions' global statistics (dask-array arguments)
+    are computed in the same graph, before the windows (one round trip).
+
+    Returns
+    -------
+    results : list
+        ``func``'s result per window.
+    regions : list of Region
+        The regions with their statistics filled in, to pass to a later call
+        (no statistic is computed twice).
+    """
+    import uuid
+
+    from dask.core import flatten
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    templates, lazies = bind_regions(regions)
+    name = f"tilepipe-windows-{uuid.uuid4().hex}"
+    spec = name + "-regions"
+    dsk: dict[Any, Any] = {spec: (fill_regions, templates, [next(iter(flatten(a.__dask_keys__()))) for a in lazies])}
+    per_window = per_window or [{}] * len(windows)
+    for i, (w, extra) in enumerate(zip(windows, per_window)):
+        dsk[(name, i)] = (_window_task, func, spec, tuple(w), {**kwargs, **extra})
+    dsk[name] = (tuple, [[(name, i) for i in range(len(windows))], spec])
+    (out,) = dask.compute(Delayed(name, HighLevelGraph.from_collections(name, dsk, dependencies=lazies)),
+                          optimize_graph=False)
+    return list(out[0]), list(out[1])
 
 
 def _read_region(ys: slice, xs: slice, *, source: Any) -> np.ndarray:

@@ -1005,8 +1005,8 @@ def zogy_subtract(
     for k, a in enumerate((rms_n, rms_r)):  # per-tile noise: the median of the tile's rms
         for t in grid.tiles:
             dsk[(sname + "-noise", k, t.index)] = (_median_finite, (a.name, t.iy, t.ix))
-    dsk[sname] = (_collect_lists, [(sname, t.index) for t in star_grid.tiles],
-                  [(sname + "-noise", k, t.index) for k in range(2) for t in grid.tiles])
+    dsk[sname] = (tuple, [[(sname, t.index) for t in star_grid.tiles],
+                          [(sname + "-noise", k, t.index) for k in range(2) for t in grid.tiles]])
     sgraph = HighLevelGraph.from_collections(sname, dsk, dependencies=[N, R, VN, VR, bad, rms_n, rms_r])
     (tables, noises), samp_n, samp_r = dask.compute(Delayed(sname, sgraph), rms_n[::step, ::step],
                                                     rms_r[::step, ::step])
@@ -1284,10 +1284,6 @@ def _tile_chunk_keys(arrays: list[da.Array], grid: TileGrid) -> list[list[list[A
         if a.chunks != grid.chunks:
             raise ValueError("internal: arrays must be chunked on the tile cores")
     return [[[(a.name, iy, ix) for a in arrays] for iy, ix in _neighbour_chunks(grid, t.index)] for t in grid.tiles]
-
-
-def _collect_lists(*lists: list[Any]) -> tuple[list[Any], ...]:
-    return lists
 
 
 def _stars_task(grid, index, kw, parts):
