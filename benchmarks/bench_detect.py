@@ -28,6 +28,11 @@ Imports are outside every clock (``sep``/``photutils`` are imported before
 their clocks start; the tilepipe workers import ``tilepipe.detect``, ``sep``,
 ``scipy.ndimage`` before theirs); cluster start-up is excluded too.
 
+``--repeat N`` runs every method N times per size (each run in a fresh
+process, the methods interleaved so that a slow spell of the shared machine
+hits all of them) and reports the median wall time with its range: on a
+shared VM one run of sep at 2k varies by up to 2x between runs.
+
 Peak memory is the peak resident set size (``VmHWM``) of the process
 doing the work; for tilepipe it is reported for the client process and for the
 largest worker.  Completeness = fraction of true stars with S/N > 10 matched
@@ -188,6 +193,18 @@ def spawn(method, path, truth, size, workers=1, timeout=600, halo="read"):
     raise RuntimeError(f"{method} failed:\n{p.stderr[-3000:]}")
 
 
+def _summary(runs: list[dict]) -> dict:
+    """One row from repeated runs: median wall time (and its range), largest peak memory."""
+    out = dict(runs[0])
+    walls = sorted(r["wall"] for r in runs)
+    out["wall"] = float(np.median(walls))
+    out["wall_range"] = (walls[0], walls[-1])
+    out["mem"] = max(r["mem"] for r in runs)
+    if "worker_mem" in out:
+        out["worker_mem"] = max(r["worker_mem"] for r in runs)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -195,6 +212,9 @@ def main():
                     help="LocalCluster worker counts; 0 = synchronous scheduler in one process")
     ap.add_argument("--peers", nargs="+", default=["sep", "photutils"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per method and size, each in a fresh process, interleaved across methods; the "
+                         "table gives the median wall time (range in brackets) and the largest peak memory")
     ap.add_argument("--halo", nargs="+", default=["read"], choices=["read", "exchange"],
                     help="how tilepipe's tile tasks get their halos from a file: 'read' (default: each task "
                          "reads its own window) and/or 'exchange' (tasks take the neighbouring chunks)")
@@ -227,11 +247,16 @@ def main():
             fits.writeto(path, np.asarray(f.image["image"].values, dtype=np.float32), overwrite=True)
             f.stars.write(truth, overwrite=True)
             del f
-            res = {p: spawn(p, path, truth, size) for p in args.peers}
+            jobs = [(p, p, 1, "read") for p in args.peers]
             for halo in args.halo:
                 for w in args.workers:
                     name = (f"tilepipe-{w}w" if w else "tilepipe-sync") + ("" if halo == "read" else f"-{halo}")
-                    res[name] = spawn("tilepipe", path, truth, size, workers=w, halo=halo)
+                    jobs.append((name, "tilepipe", w, halo))
+            runs: dict[str, list[dict]] = {name: [] for name, *_ in jobs}
+            for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every method alike
+                for name, method, w, halo in jobs:
+                    runs[name].append(spawn(method, path, truth, size, workers=w, halo=halo))
+            res = {name: _summary(rs) for name, rs in runs.items()}
             ref = res.get("sep")
             for name, r in res.items():
                 rows.append((size, name, r, ref))
@@ -240,12 +265,18 @@ def main():
     print(f"1-min load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
           f"({os.cpu_count()} cores)")
     print()
+    if args.repeat > 1:
+        print(f"{args.repeat} runs per row: median wall time [min-max]; time / sep = ratio of the medians; "
+              "peak memory = the largest of the runs")
+        print()
     print("| size | method | tiles | wall [s] | time / sep | peak mem [MB] (worker) | detections | completeness S/N>10 | spurious |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size, name, r, ref in rows:
         ratio = f"{r['wall'] / ref['wall']:.2f}" if ref else "-"
         mem = f"{r['mem']:.0f}" + (f" ({r['worker_mem']:.0f})" if "worker_mem" in r else "")
-        print(f"| {size} | {name} | {r.get('tiles', '1x1')} | {r['wall']:.2f} | {ratio} | {mem} | {r['n']} | "
+        lo, hi = r["wall_range"]
+        wall = f"{r['wall']:.2f}" + (f" [{lo:.2f}-{hi:.2f}]" if args.repeat > 1 else "")
+        print(f"| {size} | {name} | {r.get('tiles', '1x1')} | {wall} | {ratio} | {mem} | {r['n']} | "
               f"{r['completeness']:.3f} | {r['spurious']:.4f} |")
 
 

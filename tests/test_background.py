@@ -384,3 +384,39 @@ def test_background_regions_equal_the_tiled_maps(method):
             want = bk[n][ys, xs].values
             scale = float(np.max(np.abs(want)))
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale, err_msg=n)
+
+
+@pytest.mark.parametrize("nx,ny", [(1, 1), (3, 2)])
+def test_lazy_mesh_background_equals_estimate_background(awkward, nx, ny):
+    """mesh_background_lazy (statistics, solve and maps in one graph) == estimate_background, incl. bad meshes."""
+    from tilepipe.background import bad_mesh_message, mesh_background_lazy
+    from tilepipe.tiling import evaluate_regions, region_of, resolve_regions
+
+    img, mask = awkward
+    ds = tp.open_image(img, mask=mask)
+    with pytest.warns(FallbackWarning) as rec:
+        ref = estimate_background(ds, mesh=32, filter_size=3, nx=nx, ny=ny)
+    b, r, solved, g = mesh_background_lazy(ds, 32, 3, nx=nx, ny=ny)
+    assert solved.npartitions == 1
+    np.testing.assert_array_equal(b.compute(), ref["background"].values)
+    np.testing.assert_array_equal(r.compute(), ref["rms"].values)
+    s = solved.compute()
+    np.testing.assert_array_equal(s[0], np.array(ref.attrs["mesh_background"]))
+    np.testing.assert_array_equal(s[1], np.array(ref.attrs["mesh_rms"]))
+    np.testing.assert_array_equal(s[2], np.array(ref.attrs["mesh_valid"]))
+    assert bad_mesh_message(s[2] > 0, g, (32, 32), 0.5) == str(rec[0].message)
+    # the maps' regions: the solve is a lazy argument, resolved once
+    regions = resolve_regions([region_of(b), region_of(r)])
+    for got, want in zip(evaluate_regions(regions, slice(17, 230), slice(90, 401)),
+                         (ref["background"].values, ref["rms"].values)):
+        np.testing.assert_allclose(got, want[17:230, 90:401], rtol=0, atol=1e-6 * float(np.max(np.abs(want))))
+
+
+def test_lazy_mesh_background_errors_when_computed():
+    from tilepipe.background import mesh_background_lazy
+
+    b, _, solved, _ = mesh_background_lazy(np.full((100, 100), np.nan, np.float32), 32, nx=2)
+    with pytest.raises(ValueError, match="all NaN"):
+        solved.compute()
+    with pytest.raises(ValueError, match="smaller than one mesh"):
+        mesh_background_lazy(np.zeros((50, 300), np.float32), 64)

@@ -305,3 +305,39 @@ def test_windows_read_from_the_file_on_local_cluster(tmp_path, field, client):
     cat = tp.detect_sources(tp.open_image(path, chunks=256), nsigma=2.0, nx=3, ny=3)  # workers read the file
     _assert_same(ref, cat)
     assert len(np.unique(cat["tile"])) == 9
+
+
+def test_windows_with_bad_meshes_warn_like_the_chunk_exchange(tmp_path, field, monkeypatch):
+    """From a file, the mesh statistics run in the same graph as the windows: bad meshes still warn (same
+    text as estimate_background), the catalog equals the chunk-exchange one, an all-NaN file is a clear error."""
+    import tilepipe.background as bg
+    import tilepipe.detect as det
+    from astropy.io import fits
+
+    eager = []
+    run = bg.mesh_statistics
+    monkeypatch.setattr(bg, "mesh_statistics", lambda *a, **k: eager.append(1) or run(*a, **k))
+
+    img = field.image["image"].values.astype(np.float32)
+    img[300:420, 0:200] = np.nan
+    path = tmp_path / "holes.fits"
+    fits.writeto(path, img)
+    ds = tp.open_image(str(path), chunks=256)
+    with pytest.warns(FallbackWarning, match="filled from their nearest good meshes") as rec_w:
+        windows = tp.detect_sources(ds, nsigma=2.0, nx=3, ny=2)
+    assert not eager  # no separate compute of the mesh statistics
+    token = det._USE_REGIONS.set(False)
+    try:
+        with pytest.warns(FallbackWarning, match="filled from their nearest good meshes") as rec_x:
+            exchanged = tp.detect_sources(ds, nsigma=2.0, nx=3, ny=2)
+    finally:
+        det._USE_REGIONS.reset(token)
+    assert eager == [1]
+    mesh_warnings = [[str(w.message) for w in rec if "meshes" in str(w.message)] for rec in (rec_w, rec_x)]
+    assert mesh_warnings[0] == mesh_warnings[1] and len(mesh_warnings[0]) == 1
+    _assert_same(windows, exchanged)
+    assert len(windows) > 100
+    nan = tmp_path / "nan.fits"
+    fits.writeto(nan, np.full((300, 300), np.nan, np.float32))
+    with pytest.raises(ValueError, match="no mesh has enough good pixels"):
+        tp.detect_sources(tp.open_image(str(nan)), nx=2, ny=2)

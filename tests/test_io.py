@@ -779,3 +779,22 @@ def test_strided_fits_read_equals_numpy_striding(tmp_path):
     img = fits.getdata(path).astype(np.float32)
     np.testing.assert_array_equal(tp.open_image(str(path), gain=2.0)["variance"].values,
                                   tp.open_image(img, gain=2.0)["variance"].values)
+
+
+@pytest.mark.parametrize("span_bytes", [1, 1000, 4 << 20])
+def test_fits_box_reads_all_paths_equal_numpy(tmp_path, monkeypatch, span_bytes):
+    """Boxes read from a local FITS file (whole rows, blocked spans of partial rows with a buffer of
+    several or single rows, one read per row for narrow boxes) equal numpy slicing."""
+    import tilepipe.io.fits as tfits
+    from tilepipe.tiling import evaluate_regions, region_of
+
+    monkeypatch.setattr(tfits, "_SPAN_BYTES", span_bytes)
+    rng = np.random.default_rng(4)
+    data = rng.normal(0, 1, (203, 157)).astype(">f4")
+    path = tmp_path / "b.fits"
+    fits.writeto(path, data)
+    arr, _ = tio.read_fits(str(path), chunks=64)
+    for ys, xs in [(slice(0, 203), slice(0, 157)), (slice(5, 190), slice(0, 157)), (slice(7, 201), slice(3, 150)),
+                   (slice(30, 31), slice(40, 120)), (slice(11, 97), slice(100, 130)), (slice(0, 203), slice(156, 157))]:
+        (got,) = evaluate_regions([region_of(arr)], ys, xs)
+        np.testing.assert_array_equal(got, data[ys, xs].astype(np.float32))

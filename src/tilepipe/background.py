@@ -614,6 +614,16 @@ def mesh_statistics(
     """
     ds = _prepare(ds, mask)
     shape = tuple(ds["image"].shape)
+    (my, mx), sigma, maxiters, min_valid_frac = _check_mesh_args(shape, mesh, sigma, maxiters, min_valid_frac)
+    g = _mesh_grid(shape, (my, mx), nx, ny, grid)
+    mode, sig, valid = _mesh_stats_lazy(ds, g, (my, mx), sigma=sigma, maxiters=maxiters,
+                                        min_valid_frac=min_valid_frac).compute()
+    valid = valid > 0
+    return {"mode": mode, "sigma": sig, "valid": valid, "empty_tiles": _empty_tiles(valid, g, (my, mx))}
+
+
+def _check_mesh_args(shape: tuple[int, int], mesh: Any, sigma: float, maxiters: int,
+                     min_valid_frac: float) -> tuple[tuple[int, int], float, int, float]:
     my, mx = as_pair("mesh", mesh, lower=1)
     if shape[0] < my or shape[1] < mx:
         raise ValueError(
@@ -625,20 +635,129 @@ def mesh_statistics(
     min_valid_frac = check_positive("min_valid_frac", min_valid_frac)
     if min_valid_frac > 1:
         raise ValueError(f"min_valid_frac must be in (0, 1]; got {min_valid_frac}")
-    g = _mesh_grid(shape, (my, mx), nx, ny, grid)
+    return (my, mx), sigma, maxiters, min_valid_frac
+
+
+def _mesh_stats_lazy(ds: xr.Dataset, g: TileGrid, mesh: tuple[int, int], *, sigma: float, maxiters: int,
+                     min_valid_frac: float) -> da.Array:
+    """The per-mesh statistics as a lazy ``(3, nmy, nmx)`` array (mode, sigma, valid), one task per tile."""
+    my, mx = mesh
     img = ds["image"].data.rechunk(g.chunks)
     bad = ds["mask"].data.rechunk(g.chunks)
     # one blockwise layer: reading a tile, its mask and its statistics fuse into one task per tile
     mesh_chunks = tuple(tuple(-(-c // m) for c in cs) for cs, m in zip(g.chunks, (my, mx)))
-    stats = da.map_blocks(_stacked_mesh_stats, img, bad, my=my, mx=mx, min_valid_frac=min_valid_frac,
-                          maxiters=maxiters, nsigma=sigma, new_axis=0, chunks=((3,),) + mesh_chunks,
-                          dtype=np.float64, meta=np.empty((0, 0, 0)), token="tilepipe-mesh-stats")
-    mode, sig, valid = stats.compute()
+    return da.map_blocks(_stacked_mesh_stats, img, bad, my=my, mx=mx, min_valid_frac=min_valid_frac,
+                         maxiters=maxiters, nsigma=sigma, new_axis=0, chunks=((3,),) + mesh_chunks,
+                         dtype=np.float64, meta=np.empty((0, 0, 0)), token="tilepipe-mesh-stats")
+
+
+def _empty_tiles(valid: np.ndarray, g: TileGrid, mesh: tuple[int, int]) -> np.ndarray:
+    """Indices of the tiles of ``g`` without any good mesh."""
+    my, mx = mesh
+    return np.array([t.index for t in g.tiles
+                     if not valid[t.core[0].start // my:-(-t.core[0].stop // my),
+                                  t.core[1].start // mx:-(-t.core[1].stop // mx)].any()], dtype=np.int64)
+
+
+def _no_good_mesh(mesh: tuple[int, int], min_valid_frac: float) -> ValueError:
+    return ValueError(
+        f"no mesh has enough good pixels (every mesh of mesh={tuple(mesh)} has more than "
+        f"{100 * (1 - min_valid_frac):g}% masked or non-finite pixels): the image is all NaN or the mask "
+        "covers everything; check the mask, or lower min_valid_frac"
+    )
+
+
+def bad_mesh_message(valid: np.ndarray, g: TileGrid, mesh: tuple[int, int], min_valid_frac: float) -> str | None:
+    """The text of the :class:`FallbackWarning` for bad (filled) meshes, or None when every mesh is good."""
+    nbad = int((~valid).sum())
+    if not nbad:
+        return None
+    empty = _empty_tiles(valid, g, mesh)
+    detail = f"; tiles {empty.tolist()} have no good mesh at all" if empty.size else ""
+    return (f"{nbad} of {valid.size} meshes have fewer than {100 * min_valid_frac:g}% good pixels "
+            f"(masked or non-finite) and were filled from their nearest good meshes{detail}")
+
+
+def _solve_mesh(stats: np.ndarray, *, filter_size: tuple[int, int], filter_threshold: float,
+                mesh: tuple[int, int], min_valid_frac: float) -> np.ndarray:
+    """The *reduce* step on the mesh grid: ``(3, nmy, nmx)`` = filled and filtered background, rms, and
+    the validity of the meshes before filling (1/0).  Raises ValueError when no mesh is good."""
+    mode, sig, valid = stats
     valid = valid > 0
-    empty_tiles = [t.index for t in g.tiles
-                   if not valid[t.core[0].start // my:-(-t.core[0].stop // my),
-                                t.core[1].start // mx:-(-t.core[1].stop // mx)].any()]
-    return {"mode": mode, "sigma": sig, "valid": valid, "empty_tiles": np.array(empty_tiles, dtype=np.int64)}
+    if not valid.any():
+        raise _no_good_mesh(mesh, min_valid_frac)
+    back, sig = _fill_bad(mode, sig, valid)
+    back, sig = _median_filter(back, sig, filter_size[0], filter_size[1], filter_threshold)
+    return np.stack([back, sig, valid.astype(np.float64)])
+
+
+def _eval_solved_region(ys: slice, xs: slice, *, solved: np.ndarray, plane: int, mesh: tuple[int, int],
+                        Ky: np.ndarray, Kx: np.ndarray) -> np.ndarray:
+    """:func:`_eval_mesh_region` on plane ``plane`` (0 background, 1 rms) of :func:`_solve_mesh`'s output."""
+    return _eval_mesh_region(ys, xs, nodes=solved[plane], mesh=mesh, Ky=Ky, Kx=Kx)
+
+
+def _eval_solved_tile(block: np.ndarray, *, tile: Tile, solved: np.ndarray, plane: int, mesh: tuple[int, int],
+                      Ky: np.ndarray, Kx: np.ndarray) -> np.ndarray:
+    return _eval_mesh_region(*tile.core, nodes=solved[plane], mesh=mesh, Ky=Ky, Kx=Kx)
+
+
+def mesh_background_lazy(
+    ds: Any,
+    mesh: int | Sequence[int] = 64,
+    filter_size: int | Sequence[int] = 3,
+    *,
+    nx: int = 1,
+    ny: int | None = None,
+    sigma: float = 3.0,
+    maxiters: int = 100,
+    min_valid_frac: float = 0.5,
+    filter_threshold: float = 0.0,
+) -> tuple[da.Array, da.Array, da.Array, TileGrid]:
+    """The mesh background of :func:`estimate_background` with nothing computed: for pipelines that
+    compute the statistics, the mesh-grid solve and their own tile work in **one** graph.
+
+    :func:`estimate_background` reads the image for its mesh statistics when
+    it is called (one round trip to the cluster, and its attrs carry the mesh
+    grids).  Here the per-tile statistics, the solve on the mesh grid (one
+    small task) and the maps all stay lazy, so a caller that computes its own
+    tile tasks from the maps (detection, subtraction) needs one round trip
+    instead of two.  Same algorithm and the same values as
+    :func:`estimate_background` with ``method="mesh"``.
+
+    Returns
+    -------
+    background, rms : dask.array.Array
+        float32 maps of the image's shape (chunks: the mesh-aligned tiles);
+        both also have a :class:`~tilepipe.tiling.Region` (any rectangle is
+        computed from the solved mesh grid alone).
+    solved : dask.array.Array
+        ``(3, nmy, nmx)`` float64, one chunk: the filtered mesh background,
+        the mesh rms, and 1/0 for the meshes that were good before filling
+        (pass plane 2 to :func:`bad_mesh_message` once computed).  Computing
+        it raises ValueError when no mesh has enough good pixels.
+    grid : TileGrid
+        The mesh-aligned tile grid of the statistics.
+    """
+    ds = _prepare(ds, None)
+    shape = tuple(ds["image"].shape)
+    (my, mx), sigma, maxiters, min_valid_frac = _check_mesh_args(shape, mesh, sigma, maxiters, min_valid_frac)
+    fy, fx = as_pair("filter_size", filter_size, lower=1)
+    filter_threshold = check_positive("filter_threshold", filter_threshold, allow_zero=True)
+    g = _mesh_grid(shape, (my, mx), nx, ny, None)
+    stats = _mesh_stats_lazy(ds, g, (my, mx), sigma=sigma, maxiters=maxiters, min_valid_frac=min_valid_frac)
+    stats = stats.rechunk(stats.shape)
+    solved = stats.map_blocks(_solve_mesh, filter_size=(fy, fx), filter_threshold=filter_threshold,
+                              mesh=(my, mx), min_valid_frac=min_valid_frac, dtype=np.float64,
+                              meta=np.empty((0, 0, 0)), token="tilepipe-mesh-solve")
+    Ky, Kx = _spline_matrix(stats.shape[1]), _spline_matrix(stats.shape[2])
+    dummy = _constant(shape, g.chunks, np.uint8(0))
+    maps = []
+    for plane, label in ((0, "background-mesh"), (1, "background-rms")):
+        kw = {"solved": solved, "plane": plane, "mesh": (my, mx), "Ky": Ky, "Kx": Kx}
+        m = map_tiles(_eval_solved_tile, dummy, grid=g, dtype=np.float32, name=label, **kw)
+        maps.append(register_region(m, Region(_eval_solved_region, kw)))
+    return maps[0], maps[1], solved, g
 
 
 def estimate_background(
@@ -771,24 +890,12 @@ def estimate_background(
                             min_valid_frac=min_valid_frac, grid=grid)
     g0 = _mesh_grid(shape, (my, mx), nx, ny, grid)
     valid = stats["valid"]
-    if not valid.any():
-        raise ValueError(
-            f"no mesh has enough good pixels (every mesh of mesh={(my, mx)} has more than "
-            f"{100 * (1 - min_valid_frac):g}% masked or non-finite pixels): the image is all NaN or the mask "
-            "covers everything; check the mask, or lower min_valid_frac"
-        )
+    back, sig, _ = _solve_mesh(np.stack([stats["mode"], stats["sigma"], valid]), filter_size=(fy, fx),
+                               filter_threshold=filter_threshold, mesh=(my, mx), min_valid_frac=min_valid_frac)
     nbad = int((~valid).sum())
-    if nbad:
-        detail = ""
-        if stats["empty_tiles"].size:
-            detail = f"; tiles {stats['empty_tiles'].tolist()} have no good mesh at all"
-        warnings.warn(
-            f"{nbad} of {valid.size} meshes have fewer than {100 * min_valid_frac:g}% good pixels "
-            f"(masked or non-finite) and were filled from their nearest good meshes{detail}",
-            FallbackWarning, stacklevel=2,
-        )
-    back, sig = _fill_bad(stats["mode"], stats["sigma"], valid)
-    back, sig = _median_filter(back, sig, fy, fx, filter_threshold)
+    message = bad_mesh_message(valid, g0, (my, mx), min_valid_frac)
+    if message:
+        warnings.warn(message, FallbackWarning, stacklevel=2)
     Ky, Kx = _spline_matrix(back.shape[0]), _spline_matrix(back.shape[1])
     dummy = _constant(shape, g0.chunks, np.uint8(0))
     bmap = map_tiles(_eval_mesh_tile, dummy, grid=g0, dtype=np.float32, name="background-mesh",

@@ -147,21 +147,41 @@ def _dask2d(arr: Any, shape: tuple[int, int], name: str) -> da.Array:
     return arr
 
 
+#: Mesh size and good-pixel fraction of the default background (tilepipe.estimate_background's defaults)
+_MESH = 64
+_MIN_VALID_FRAC = 0.5
+
+
 def _resolve_background(ds: xr.Dataset, background: Any, nx: int, ny: int | None,
-                        chunks: tuple[tuple[int, ...], ...]) -> tuple[da.Array, da.Array]:
+                        chunks: tuple[tuple[int, ...], ...],
+                        lazy: bool = False) -> tuple[da.Array, da.Array, Any]:
     """Background and threshold-noise maps (lazy, with the tile grid's ``chunks``) for ``ds``.
 
     ``background`` may be None (run :func:`tilepipe.estimate_background`), a
     Dataset with ``background`` (and optionally ``rms``), an array/DataArray
-    (background; noise from ``sqrt(variance)``) or a number (constant).
+    (background; noise from ``sqrt(variance)``) or a number (constant).  With
+    ``lazy`` and ``background=None`` the mesh statistics are not computed
+    here (:func:`tilepipe.background.mesh_background_lazy`): the third value
+    is then a function of the computed ``solved`` mesh grids returning the
+    bad-mesh warning text (or None), else None.
     """
     shape = tuple(ds["image"].shape)
     var = _lazy2d(ds["variance"].data, shape, "variance", chunks)
+    if background is None and lazy:
+        from .background import bad_mesh_message, mesh_background_lazy
+
+        b, r, _, g = mesh_background_lazy(ds, _MESH, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
+
+        def check(solved: np.ndarray) -> str | None:
+            return bad_mesh_message(np.asarray(solved[2]) > 0, g, (_MESH, _MESH), _MIN_VALID_FRAC)
+
+        return _lazy2d(b, shape, "background", chunks), _lazy2d(r, shape, "rms", chunks), check
     if background is None:
         from .background import estimate_background
 
-        bk = estimate_background(ds, nx=nx, ny=ny)
-        return _lazy2d(bk["background"], shape, "background", chunks), _lazy2d(bk["rms"], shape, "rms", chunks)
+        bk = estimate_background(ds, _MESH, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
+        return (_lazy2d(bk["background"], shape, "background", chunks), _lazy2d(bk["rms"], shape, "rms", chunks),
+                None)
     if isinstance(background, xr.Dataset):
         if "background" not in background:
             raise ValueError(
@@ -170,15 +190,15 @@ def _resolve_background(ds: xr.Dataset, background: Any, nx: int, ny: int | None
             )
         b = _lazy2d(background["background"], shape, "background", chunks)
         r = _lazy2d(background["rms"], shape, "rms", chunks) if "rms" in background else _sqrt(var)
-        return b, r
+        return b, r, None
     if np.isscalar(background) and not isinstance(background, (str, bytes)):
         value = float(background)  # type: ignore[arg-type]
         if not np.isfinite(value):
             raise ValueError(f"background must be finite; got {background!r}")
         b = _lazy2d(np.broadcast_to(np.float32(value), shape), shape, "background", chunks)
         register_region(b, Region(_constant_region, {"value": np.float32(value), "dtype": np.float32}))
-        return b, _sqrt(var)
-    return _lazy2d(background, shape, "background", chunks), _sqrt(var)
+        return b, _sqrt(var), None
+    return _lazy2d(background, shape, "background", chunks), _sqrt(var), None
 
 
 def _sqrt_region(ys: slice, xs: slice, *, a: np.ndarray) -> np.ndarray:
@@ -696,7 +716,12 @@ def detect_sources(
                            warn=lambda m, c: warn(m, c, stacklevel=5))
 
     chunks = grid.chunks
-    bkg, rms = _resolve_background(ds, background, grid.nx, grid.ny, chunks)
+    # every input computable on any rectangle (a file read lazily, the default variance, the mesh
+    # background): each tile task reads its own window, with no halo exchange between tasks, and the mesh
+    # statistics are computed in the same graph as the windows
+    lazy = _USE_REGIONS.get() and all(region_of(_lazy2d(ds[k].data, shape, k, chunks)) is not None
+                                      for k in ("image", "variance", "mask"))
+    bkg, rms, mesh_check = _resolve_background(ds, background, grid.nx, grid.ny, chunks, lazy=lazy)
     kwargs = dict(
         shape=shape, nsigma=nsigma, minarea=minarea, kernel=kernel, filter_type=filter_type,
         deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont, clean=clean, clean_param=clean_param,
@@ -706,9 +731,7 @@ def detect_sources(
               ((ds["image"].data, "image"), (bkg, "background"), (rms, "rms"), (ds["variance"].data, "variance"),
                (ds["mask"].data, "mask"))]
     regions = [region_of(a) for a in arrays]
-    if _USE_REGIONS.get() and all(r is not None for r in regions):
-        # every input can be computed on any rectangle (a file read lazily, the default variance, the
-        # mesh background): each tile task reads its own window, with no halo exchange between tasks
+    if lazy and all(r is not None for r in regions):
         state = {"regions": regions}
 
         def run(jobs: list[Any]) -> list[Table]:
@@ -727,6 +750,10 @@ def detect_sources(
         return (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
 
     tables = run([(box(t.outer), box(t.core)) for t in grid.tiles])
+    if mesh_check is not None:  # the mesh statistics were computed with the windows: report bad meshes now
+        message = mesh_check(state["regions"][1].kwargs["solved"])
+        if message:
+            warn(message, FallbackWarning)
 
     # objects cut by a halo edge: re-measure only windows around their groups, growing the halo 4x per round
     regrown: dict[int, int] = {}

@@ -519,6 +519,9 @@ def map_windows(func: Callable[..., Any], regions: Sequence[Region], windows: Se
     from dask.highlevelgraph import HighLevelGraph
 
     templates, lazies = bind_regions(regions)
+    # the statistics' own graphs optimised (fused) as dask.compute would: chains of small element-wise
+    # tasks per chunk (e.g. a mask made of a file read, isfinite, invert, or) become one task each
+    lazies = list(dask.optimize(*lazies)) if lazies else []
     name = f"tilepipe-windows-{uuid.uuid4().hex}"
     spec = name + "-regions"
     dsk: dict[Any, Any] = {spec: (fill_regions, templates, [next(iter(flatten(a.__dask_keys__()))) for a in lazies])}
