@@ -316,3 +316,33 @@ def test_cli_subtract(tmp_path):
     bad = CliRunner().invoke(main, ["subtract", str(tmp_path / "new.fits"), str(tmp_path / "nope.fits"), "-o",
                                     str(tmp_path / "x.zarr"), "--no-cluster"])
     assert bad.exit_code != 0 and "nope.fits" in bad.output
+
+
+def test_background_in_the_first_pass_and_bad_meshes_warn(const_pair):
+    """The mesh backgrounds are computed in ZOGY's first pass (no compute of their own), equal to
+    estimate_background's maps; a masked block that empties meshes gives estimate_background's warning."""
+    import tilepipe.background as bg
+
+    p = const_pair
+    mask = np.zeros((512, 512), bool)
+    mask[0:200, 0:150] = True  # whole 64-px meshes without good pixels
+    new = tp.open_image(p.new, mask=mask)
+    psf_n, psf_r = true_psf(p.new).at(256, 256), true_psf(p.ref).at(256, 256)
+    with pytest.warns(FallbackWarning) as rec:
+        ref_bkg = bg.estimate_background(new, 64)
+    want = str(rec[0].message)
+    calls = []
+    orig = bg.mesh_statistics
+    bg.mesh_statistics = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        with pytest.warns(FallbackWarning) as rec:
+            res = tp.subtract(new, p.ref, nx=2, new_psf=psf_n, ref_psf=psf_r, subtract_background=True)
+    finally:
+        bg.mesh_statistics = orig
+    assert not calls  # no eager compute of the mesh statistics
+    assert [str(w.message) for w in rec if "meshes" in str(w.message)] == [want]
+    # the subtracted new image is the input minus estimate_background's map
+    got = res["new"].values
+    expect = p.new["image"].values - ref_bkg["background"].values
+    ok = ~mask
+    np.testing.assert_allclose(got[ok], expect[ok], rtol=0, atol=1e-3)

@@ -48,6 +48,7 @@ exactly as sep/SExtractor do.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any, Sequence
@@ -56,6 +57,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.highlevelgraph import HighLevelGraph
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning
@@ -691,15 +693,24 @@ def _solve_mesh(stats: np.ndarray, *, filter_size: tuple[int, int], filter_thres
     return np.stack([back, sig, valid.astype(np.float64)])
 
 
-def _eval_solved_region(ys: slice, xs: slice, *, solved: np.ndarray, plane: int, mesh: tuple[int, int],
-                        Ky: np.ndarray, Kx: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _spline_matrices(ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_spline_matrix` of both axes of a mesh grid (cached: every tile task of a grid needs them)."""
+    return _spline_matrix(ny), _spline_matrix(nx)
+
+
+def _eval_solved_region(ys: slice, xs: slice, *, solved: np.ndarray, plane: int, mesh: tuple[int, int]) -> np.ndarray:
     """:func:`_eval_mesh_region` on plane ``plane`` (0 background, 1 rms) of :func:`_solve_mesh`'s output."""
+    Ky, Kx = _spline_matrices(solved.shape[1], solved.shape[2])
     return _eval_mesh_region(ys, xs, nodes=solved[plane], mesh=mesh, Ky=Ky, Kx=Kx)
 
 
-def _eval_solved_tile(block: np.ndarray, *, tile: Tile, solved: np.ndarray, plane: int, mesh: tuple[int, int],
-                      Ky: np.ndarray, Kx: np.ndarray) -> np.ndarray:
-    return _eval_mesh_region(*tile.core, nodes=solved[plane], mesh=mesh, Ky=Ky, Kx=Kx)
+def _solved_map(solved: np.ndarray, ys: slice, xs: slice, plane: int, mesh: tuple[int, int]) -> np.ndarray:
+    return _eval_solved_region(ys, xs, solved=solved, plane=plane, mesh=mesh)
+
+
+def _solve_blocks(blocks: list[list[np.ndarray]], kwargs: dict[str, Any]) -> np.ndarray:
+    return _solve_mesh(np.block(blocks), **kwargs)
 
 
 def mesh_background_lazy(
@@ -746,17 +757,24 @@ def mesh_background_lazy(
     filter_threshold = check_positive("filter_threshold", filter_threshold, allow_zero=True)
     g = _mesh_grid(shape, (my, mx), nx, ny, None)
     stats = _mesh_stats_lazy(ds, g, (my, mx), sigma=sigma, maxiters=maxiters, min_valid_frac=min_valid_frac)
-    stats = stats.rechunk(stats.shape)
-    solved = stats.map_blocks(_solve_mesh, filter_size=(fy, fx), filter_threshold=filter_threshold,
-                              mesh=(my, mx), min_valid_frac=min_valid_frac, dtype=np.float64,
-                              meta=np.empty((0, 0, 0)), token="tilepipe-mesh-solve")
-    Ky, Kx = _spline_matrix(stats.shape[1]), _spline_matrix(stats.shape[2])
-    dummy = _constant(shape, g.chunks, np.uint8(0))
+    # explicit graphs (task -> key references), no dask array hidden in blockwise arguments: the
+    # optimiser of dask.persist lost such a reference ("lost dependencies" on a cluster, dask 2026.8)
+    kw = {"filter_size": (fy, fx), "filter_threshold": filter_threshold, "mesh": (my, mx),
+          "min_valid_frac": min_valid_frac}
+    name = "tilepipe-mesh-solve-" + dask.base.tokenize(stats.name, kw)
+    blocks = [[(stats.name, 0, i, j) for j in range(stats.numblocks[2])] for i in range(stats.numblocks[1])]
+    solved = da.Array(HighLevelGraph.from_collections(name, {(name, 0, 0, 0): (_solve_blocks, blocks, kw)},
+                                                      dependencies=[stats]),
+                      name, chunks=tuple((n,) for n in stats.shape), dtype=np.float64, meta=np.empty((0, 0, 0)))
     maps = []
     for plane, label in ((0, "background-mesh"), (1, "background-rms")):
-        kw = {"solved": solved, "plane": plane, "mesh": (my, mx), "Ky": Ky, "Kx": Kx}
-        m = map_tiles(_eval_solved_tile, dummy, grid=g, dtype=np.float32, name=label, **kw)
-        maps.append(register_region(m, Region(_eval_solved_region, kw)))
+        mname = f"{label}-{dask.base.tokenize(name, plane)}"
+        dsk = {(mname, t.iy, t.ix): (_solved_map, (name, 0, 0, 0), t.core[0], t.core[1], plane, (my, mx))
+               for t in g.tiles}
+        m = da.Array(HighLevelGraph.from_collections(mname, dsk, dependencies=[solved]), mname, chunks=g.chunks,
+                     dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32))
+        maps.append(register_region(m, Region(_eval_solved_region, {"solved": solved, "plane": plane,
+                                                                     "mesh": (my, mx)})))
     return maps[0], maps[1], solved, g
 
 

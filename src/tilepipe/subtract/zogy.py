@@ -812,9 +812,16 @@ def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
     return out
 
 
+def _block_stat(block: np.ndarray, func: Callable[[np.ndarray], float]) -> np.ndarray:
+    return np.full((1, 1), func(block), dtype=np.float64)
+
+
 def _tile_stats(arr: da.Array, grid: TileGrid, func: Callable[[np.ndarray], float]) -> list[float]:
-    tasks = [dask.delayed(func)(arr[t.core]) for t in grid.tiles]
-    return [float(v) for v in dask.compute(*tasks)]
+    """``func`` of every tile core of ``arr``, in tile order: one blockwise layer, one compute (fused with
+    the chunks' own graph), not one collection per tile."""
+    stats = arr.rechunk(grid.chunks).map_blocks(_block_stat, func, chunks=((1,) * grid.ny, (1,) * grid.nx),
+                                                dtype=np.float64, meta=np.empty((0, 0)))
+    return [float(v) for v in np.asarray(stats.compute()).ravel()]
 
 
 def _median_finite(a: np.ndarray) -> float:
@@ -899,8 +906,8 @@ def zogy_subtract(
     # maps stay lazy and are evaluated exactly once, in the persist below.
     # mesh statistics one task per input chunk (parallel, no rechunk of the persisted image)
     bny, bnx = len(img_n.chunks[0]), len(img_n.chunks[1])
-    bkg_n, rms_n, bmeth = nz.background_model(new, mesh=mesh, nx=bnx, ny=bny)
-    bkg_r, rms_r, _ = nz.background_model(ref, mesh=mesh, nx=bnx, ny=bny)
+    (bkg_n, rms_n, bmeth, chk_n), (bkg_r, rms_r, _, chk_r) = (
+        _background(ds, mesh=mesh, nx=bnx, ny=bny) for ds in (new, ref))
     if subtract_background:
         N = (img_n - bkg_n.rechunk(img_n.chunks)).astype(np.float32)
         R = (img_r - bkg_r.rechunk(img_n.chunks)).astype(np.float32)
@@ -956,9 +963,15 @@ def zogy_subtract(
     _tick("sizes")
     # ------------------- one pass over the pixels: inputs persisted in tile chunks
     gc = grid.chunks
-    N, R, rms_n, rms_r, bad, b32n, b32r = dask.persist(
+    checks = [c for c in (chk_n, chk_r) if c is not None]  # lazy mesh backgrounds: computed in this persist
+    N, R, rms_n, rms_r, bad, b32n, b32r, *solved = dask.persist(
         N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc),
-        bkg_n[::32, ::32], bkg_r[::32, ::32])
+        bkg_n[::32, ::32], bkg_r[::32, ::32], *[c[0] for c in checks])
+    if checks:
+        for (_, message), grids in zip(checks, dask.compute(*solved)):
+            text = message(grids)
+            if text:
+                warnings.warn(text, FallbackWarning, stacklevel=3)
     if gain_n is None or gain_r is None:
         est = {}
         s32 = dict(zip(("bn", "rn", "br", "rr"), dask.compute(b32n, rms_n[::32, ::32], b32r, rms_r[::32, ::32])))
@@ -1194,6 +1207,33 @@ def _ee(p: np.ndarray, r: float | None) -> float:
     c = p.shape[0] // 2
     yy, xx = np.mgrid[-c:c + 1, -c:c + 1]
     return float(p[(xx * xx + yy * yy) <= r * r].sum())
+
+
+def _background(ds: xr.Dataset, *, mesh: int, nx: int, ny: int) -> tuple[da.Array, da.Array, str, Any]:
+    """Background and rms maps of one image, left lazy: ``(background, rms, method, check)``.
+
+    The mesh background (:func:`tilepipe.background.mesh_background_lazy`) is
+    computed in the same graph as the first pass over the pixels, instead of
+    one compute per image; ``check`` is ``(solved, message)``: the lazy mesh
+    grids and the function giving the bad-mesh warning from them (None for the
+    fallback).  Falls back to :func:`tilepipe.subtract.noise.background_model`
+    (with its own fallbacks) when the lazy model cannot be built.
+    """
+    h, w = ds["image"].shape
+    try:
+        from ..background import bad_mesh_message, mesh_background_lazy
+
+        b, r, solved, g = mesh_background_lazy(ds, mesh, nx=max(1, min(nx, w // (2 * mesh))),
+                                               ny=max(1, min(ny, h // (2 * mesh))))
+    except Exception as exc:  # noqa: BLE001 - e.g. an image smaller than a mesh: the documented fallback
+        log.info("lazy mesh background not available (%s: %s)", type(exc).__name__, exc)
+        bkg, rms, meth = nz.background_model(ds, mesh=mesh, nx=nx, ny=ny)
+        return bkg, rms, meth, None
+
+    def message(grids: np.ndarray) -> str | None:
+        return bad_mesh_message(np.asarray(grids[2]) > 0, g, (mesh, mesh), 0.5)
+
+    return b, r, "estimate_background", (solved, message)
 
 
 def _user_var(var: Any, ds: xr.Dataset, shape: tuple[int, int], chunks: Any, name: str) -> da.Array | None:
