@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -161,6 +162,46 @@ def test_tile_compressed_fz(tmp_path, img):
     np.testing.assert_array_equal(di.compute(scheduler="threads"), ints)
     ds = tp.open_image(p)
     assert tp.wcs(ds).wcs.ctype[0] == "RA---TAN"
+
+
+def _open_fds(path) -> int:
+    """Open file descriptors of this process on ``path`` (Linux /proc)."""
+    target = os.path.realpath(path)
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")) == target
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through Linux /proc")
+def test_compressed_readers_bound_their_open_files(tmp_path, img, monkeypatch):
+    # section reads keep a file open between chunks; a night of .fits.fz images must not pile up
+    # open files: at most _MAX_OPEN_FILES stay open, closed least recently read first, reopened on
+    # demand, and a reader's file closes when the reader goes away
+    from tilepipe.io import fits as tfits
+
+    monkeypatch.setattr(tfits, "_MAX_OPEN_FILES", 3)
+    clean = np.nan_to_num(img)
+    arrays, paths = [], []
+    for i in range(6):
+        p = tmp_path / f"img{i}.fits.fz"
+        fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(clean + i, compression_type="GZIP_2",
+                                                            quantize_level=0)]).writeto(p)
+        data, _ = tio.read_fits(p, chunks=50)
+        np.testing.assert_array_equal(data.compute(scheduler="threads"), clean + i)
+        arrays.append(data)
+        paths.append(p)
+    open_now = [_open_fds(p) for p in paths]
+    assert sum(n > 0 for n in open_now) == 3 and all(n > 0 for n in open_now[3:]), open_now
+    np.testing.assert_array_equal(arrays[0].compute(scheduler="threads"), clean)  # reopened after eviction
+    assert _open_fds(paths[0]) > 0 and _open_fds(paths[3]) == 0
+    state = tfits._OPEN_FILES[next(reversed(tfits._OPEN_FILES))][1]
+    assert state.get("hdul") is not None
+    state["finalizer"]()  # what runs when the reader is collected
+    assert _open_fds(paths[0]) == 0
 
 
 def test_gzipped(tmp_path, img):

@@ -37,6 +37,8 @@ import re
 import shutil
 import threading
 import warnings
+import weakref
+from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
 import dask
@@ -501,6 +503,7 @@ class FitsChunkReader:
             n += k
 
     def _read_section(self, ys: slice, xs: slice) -> np.ndarray:
+        evict: list[tuple[threading.Lock, dict[str, Any]]] = []
         with self._lock:  # one open file per reader; astropy file access is not thread-safe
             hdul = self._state.get("hdul")
             if hdul is None:
@@ -508,10 +511,51 @@ class FitsChunkReader:
                 # are read through _CleanHeadersFile, so parsing them warns nothing
                 hdul, fobj = _open_hdul(self.url, self.storage_options, scale=False, header_spans=self.header_spans)
                 self._state["hdul"], self._state["fobj"] = hdul, fobj
+                if "finalizer" not in self._state:  # closed with the reader, not left to the GC
+                    self._state["finalizer"] = weakref.finalize(self, _forget_open_file, self._state)
+            evict = _note_open_file(self._lock, self._state)
             sec = hdul[self.index].section
             key = (0,) * self.nlead + (ys, xs)
             raw = np.asarray(sec[key])
+        for lock, state in evict:  # after releasing our lock: no lock-order cycle between readers
+            with lock:
+                _close_open_file(state)
         return _convert(raw, self.dtype, self.bscale, self.bzero, self.blank)
+
+
+# Section readers keep their file open between chunk reads (astropy parses the headers on open), but a
+# reader can live long (a lazily opened image's region recipe stays registered), so the number of files
+# kept open at once is bounded: the least recently read is closed, and reopened if it is read again.
+_MAX_OPEN_FILES = 32
+_OPEN_FILES: "OrderedDict[int, tuple[threading.Lock, dict[str, Any]]]" = OrderedDict()
+_OPEN_FILES_LOCK = threading.Lock()
+
+
+def _note_open_file(lock: threading.Lock, state: dict[str, Any]) -> list[tuple[threading.Lock, dict[str, Any]]]:
+    """Mark ``state``'s file as just used; return the (lock, state) pairs whose files must now be closed."""
+    with _OPEN_FILES_LOCK:
+        _OPEN_FILES[id(state)] = (lock, state)
+        _OPEN_FILES.move_to_end(id(state))
+        evict = []
+        while len(_OPEN_FILES) > _MAX_OPEN_FILES:
+            evict.append(_OPEN_FILES.popitem(last=False)[1])
+        return evict
+
+
+def _forget_open_file(state: dict[str, Any]) -> None:
+    with _OPEN_FILES_LOCK:
+        _OPEN_FILES.pop(id(state), None)
+    _close_open_file(state)
+
+
+def _close_open_file(state: dict[str, Any]) -> None:
+    """Close the FITS file a :class:`FitsChunkReader` kept open for section reads."""
+    hdul, fobj = state.pop("hdul", None), state.pop("fobj", None)
+    with contextlib.suppress(Exception):
+        if hdul is not None:
+            hdul.close()
+        if fobj is not None:
+            fobj.close()
 
 
 def _default_chunks(chunks: Any, shape: tuple[int, int]) -> Any:
