@@ -511,8 +511,10 @@ class FitsChunkReader:
                 # are read through _CleanHeadersFile, so parsing them warns nothing
                 hdul, fobj = _open_hdul(self.url, self.storage_options, scale=False, header_spans=self.header_spans)
                 self._state["hdul"], self._state["fobj"] = hdul, fobj
-                if "finalizer" not in self._state:  # closed with the reader, not left to the GC
-                    self._state["finalizer"] = weakref.finalize(self, _forget_open_file, self._state)
+                if "finalizer" not in self._state:  # closed with the reader, not left to the GC; the
+                    # finalizer takes no lock (it may run inside a garbage collection triggered while a
+                    # lock is held): the reader's stale entry in _OPEN_FILES just ages out
+                    self._state["finalizer"] = weakref.finalize(self, _close_open_file, self._state)
             evict = _note_open_file(self._lock, self._state)
             sec = hdul[self.index].section
             key = (0,) * self.nlead + (ys, xs)
@@ -540,12 +542,6 @@ def _note_open_file(lock: threading.Lock, state: dict[str, Any]) -> list[tuple[t
         while len(_OPEN_FILES) > _MAX_OPEN_FILES:
             evict.append(_OPEN_FILES.popitem(last=False)[1])
         return evict
-
-
-def _forget_open_file(state: dict[str, Any]) -> None:
-    with _OPEN_FILES_LOCK:
-        _OPEN_FILES.pop(id(state), None)
-    _close_open_file(state)
 
 
 def _close_open_file(state: dict[str, Any]) -> None:
