@@ -318,7 +318,7 @@ def test_cli_subtract(tmp_path):
     assert bad.exit_code != 0 and "nope.fits" in bad.output
 
 
-def test_background_in_the_first_pass_and_bad_meshes_warn(const_pair):
+def test_background_in_the_first_pass_and_bad_meshes_warn(const_pair, monkeypatch):
     """The mesh backgrounds are computed in ZOGY's first pass (no compute of their own), equal to
     estimate_background's maps; a masked block that empties meshes gives estimate_background's warning."""
     import tilepipe.background as bg
@@ -333,16 +333,25 @@ def test_background_in_the_first_pass_and_bad_meshes_warn(const_pair):
     want = str(rec[0].message)
     calls = []
     orig = bg.mesh_statistics
-    bg.mesh_statistics = lambda *a, **k: calls.append(1) or orig(*a, **k)
-    try:
-        with pytest.warns(FallbackWarning) as rec:
-            res = tp.subtract(new, p.ref, nx=2, new_psf=psf_n, ref_psf=psf_r, subtract_background=True)
-    finally:
-        bg.mesh_statistics = orig
-    assert not calls  # no eager compute of the mesh statistics
+    monkeypatch.setattr(bg, "mesh_statistics", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    with pytest.warns(FallbackWarning) as rec:
+        res = tp.subtract(new, p.ref, nx=2, new_psf=psf_n, ref_psf=psf_r, subtract_background=True)
+    assert not calls  # no eager compute of the mesh statistics (estimate_background's path)
     assert [str(w.message) for w in rec if "meshes" in str(w.message)] == [want]
     # the subtracted new image is the input minus estimate_background's map
     got = res["new"].values
     expect = p.new["image"].values - ref_bkg["background"].values
     ok = ~mask
     np.testing.assert_allclose(got[ok], expect[ok], rtol=0, atol=1e-3)
+
+
+def test_image_smaller_than_a_mesh_falls_back_with_a_warning():
+    """A pair smaller than one 64-px mesh: the background mesh is cut to the image, announced."""
+    p = make_pair((48, 48), seed=3, psf_variation=0.0, n_transients=0)
+    with pytest.warns(FallbackWarning, match="smaller than one 64-px background mesh"):
+        res = tp.subtract(p.new, p.ref, new_psf=true_psf(p.new).at(24, 24), ref_psf=true_psf(p.ref).at(24, 24),
+                          scale=1.0, fit_shift=False)
+    assert np.isfinite(res["diff"].values).all()
+    # the sky (200 adu + a gradient) is removed: the sky-subtracted new image is centred on 0
+    sky_noise = float(np.sqrt(p.new.attrs["truth_sky"] / p.new.attrs["gain"] + p.new.attrs["read_noise"] ** 2))
+    assert abs(float(np.median(res["new"].values))) < sky_noise

@@ -51,7 +51,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import dask
 import dask.array as da
@@ -724,7 +724,7 @@ def mesh_background_lazy(
     maxiters: int = 100,
     min_valid_frac: float = 0.5,
     filter_threshold: float = 0.0,
-) -> tuple[da.Array, da.Array, da.Array, TileGrid]:
+) -> tuple[da.Array, da.Array, da.Array, Callable[[np.ndarray], str | None]]:
     """The mesh background of :func:`estimate_background` with nothing computed: for pipelines that
     compute the statistics, the mesh-grid solve and their own tile work in **one** graph.
 
@@ -745,10 +745,12 @@ def mesh_background_lazy(
     solved : dask.array.Array
         ``(3, nmy, nmx)`` float64, one chunk: the filtered mesh background,
         the mesh rms, and 1/0 for the meshes that were good before filling
-        (pass plane 2 to :func:`bad_mesh_message` once computed).  Computing
-        it raises ValueError when no mesh has enough good pixels.
-    grid : TileGrid
-        The mesh-aligned tile grid of the statistics.
+        (see ``check``).  Computing it raises ValueError when no mesh has
+        enough good pixels.
+    check : callable
+        ``check(solved_values)`` on the computed ``solved`` grid: the text of
+        :func:`estimate_background`'s bad-mesh :class:`FallbackWarning`, or
+        None when every mesh is good.
     """
     ds = _prepare(ds, None)
     shape = tuple(ds["image"].shape)
@@ -775,7 +777,12 @@ def mesh_background_lazy(
                      dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32))
         maps.append(register_region(m, Region(_eval_solved_region, {"solved": solved, "plane": plane,
                                                                      "mesh": (my, mx)})))
-    return maps[0], maps[1], solved, g
+    check = functools.partial(_solved_message, g=g, mesh=(my, mx), min_valid_frac=min_valid_frac)
+    return maps[0], maps[1], solved, check
+
+
+def _solved_message(solved: np.ndarray, *, g: TileGrid, mesh: tuple[int, int], min_valid_frac: float) -> str | None:
+    return bad_mesh_message(np.asarray(solved[2]) > 0, g, mesh, min_valid_frac)
 
 
 def estimate_background(

@@ -168,13 +168,9 @@ def _resolve_background(ds: xr.Dataset, background: Any, nx: int, ny: int | None
     shape = tuple(ds["image"].shape)
     var = _lazy2d(ds["variance"].data, shape, "variance", chunks)
     if background is None and lazy:
-        from .background import bad_mesh_message, mesh_background_lazy
+        from .background import mesh_background_lazy
 
-        b, r, _, g = mesh_background_lazy(ds, _MESH, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
-
-        def check(solved: np.ndarray) -> str | None:
-            return bad_mesh_message(np.asarray(solved[2]) > 0, g, (_MESH, _MESH), _MIN_VALID_FRAC)
-
+        b, r, _, check = mesh_background_lazy(ds, _MESH, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
         return _lazy2d(b, shape, "background", chunks), _lazy2d(r, shape, "rms", chunks), check
     if background is None:
         from .background import estimate_background

@@ -503,7 +503,6 @@ class FitsChunkReader:
             n += k
 
     def _read_section(self, ys: slice, xs: slice) -> np.ndarray:
-        evict: list[tuple[threading.Lock, dict[str, Any]]] = []
         with self._lock:  # one open file per reader; astropy file access is not thread-safe
             hdul = self._state.get("hdul")
             if hdul is None:

@@ -13,9 +13,6 @@ Public helpers
 --------------
 robust_std, sigma_clipped_stats
     MAD-based scale and sigma-clipped (mean, median, std).
-background_model
-    Global mesh background + rms (``tilepipe.estimate_background`` when the
-    background module exists, a sigma-clipped mesh + bicubic spline otherwise).
 variance_map
     ``rms**2 + max(image - background, 0) / gain`` (lazy).
 measure_pair_stars
@@ -29,24 +26,18 @@ fit_flux_scale, fit_shift
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 from astropy.table import Table
 from scipy import ndimage
-
-from ..exceptions import FallbackWarning
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "robust_std",
     "sigma_clipped_stats",
-    "background_model",
-    "mesh_background",
     "variance_map",
     "estimate_fwhm",
     "window_centroid",
@@ -99,155 +90,6 @@ def sigma_clipped_stats(values: Any, nsigma: float = 3.0, maxiter: int = 10,
 
 
 # ----------------------------------------------------------------- background
-def _mesh_stats_block(block: np.ndarray, mask: np.ndarray, mesh: int, nsigma: float) -> np.ndarray:
-    """Sigma-clipped median and rms of each mesh cell of a block: (2, my, mx)."""
-    h, w = block.shape
-    my, mx = -(-h // mesh), -(-w // mesh)
-    out = np.full((2, my, mx), np.nan, dtype=np.float64)
-    for j in range(my):
-        for i in range(mx):
-            cell = block[j * mesh:(j + 1) * mesh, i * mesh:(i + 1) * mesh]
-            good = ~mask[j * mesh:(j + 1) * mesh, i * mesh:(i + 1) * mesh] & np.isfinite(cell)
-            v = cell[good].astype(np.float64)
-            if v.size < max(16, 0.3 * cell.size):
-                continue
-            for _ in range(8):
-                med = np.median(v)
-                sig = MAD_TO_SIGMA * np.median(np.abs(v - med))
-                if sig <= 0:
-                    break
-                keep = np.abs(v - med) < nsigma * sig
-                if keep.all():
-                    break
-                v = v[keep]
-            med = np.median(v)
-            mean = np.mean(v)
-            # SExtractor-like mode estimate, robust to faint source wings
-            mode = 2.5 * med - 1.5 * mean if abs(mean - med) / max(np.std(v), 1e-30) < 0.3 else med
-            out[0, j, i] = mode
-            out[1, j, i] = np.std(v)
-    return out
-
-
-def _fill_and_smooth(grid: np.ndarray, filter_size: int) -> np.ndarray:
-    bad = ~np.isfinite(grid)
-    if bad.all():
-        raise ValueError(
-            "no background mesh cell has enough unmasked pixels; check the mask "
-            "(True = bad) or use a larger mesh"
-        )
-    if bad.any():
-        idx = ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
-        grid = grid[tuple(idx)]
-    if filter_size > 1 and min(grid.shape) >= 2:
-        grid = ndimage.median_filter(grid, size=filter_size, mode="nearest")
-    return grid
-
-
-def _spline_eval_block(block_shape_dummy: np.ndarray, spline: Any, block_info: Any = None) -> np.ndarray:
-    loc = block_info[0]["array-location"]
-    y = np.arange(loc[0][0], loc[0][1], dtype=np.float64)
-    x = np.arange(loc[1][0], loc[1][1], dtype=np.float64)
-    return spline(y, x, grid=True).astype(np.float32)
-
-
-def _make_spline(grid: np.ndarray, mesh: int, shape: tuple[int, int]) -> Any:
-    from scipy.interpolate import RectBivariateSpline
-
-    my, mx = grid.shape
-    yc = (np.arange(my) + 0.5) * mesh - 0.5
-    xc = (np.arange(mx) + 0.5) * mesh - 0.5
-    yc[-1] = min(yc[-1], (shape[0] + (my - 1) * mesh) / 2.0 - 0.5)  # centre of a partial last cell
-    xc[-1] = min(xc[-1], (shape[1] + (mx - 1) * mesh) / 2.0 - 0.5)
-    if my == 1:
-        grid = np.vstack([grid, grid])
-        yc = np.array([-0.5, shape[0] - 0.5])
-    if mx == 1:
-        grid = np.hstack([grid, grid])
-        xc = np.array([-0.5, shape[1] - 0.5])
-    ky = min(3, len(yc) - 1)
-    kx = min(3, len(xc) - 1)
-    bbox = [min(-0.5, yc[0]), max(shape[0] - 0.5, yc[-1]), min(-0.5, xc[0]), max(shape[1] - 0.5, xc[-1])]
-    return RectBivariateSpline(yc, xc, grid, bbox=bbox, kx=kx, ky=ky, s=0)
-
-
-def mesh_background(
-    image: Any, mask: Any, *, mesh: int = 64, filter_size: int = 3, nsigma: float = 3.0
-) -> tuple[da.Array, da.Array]:
-    """Global mesh background and rms, evaluated lazily per chunk.
-
-    Map: sigma-clipped median (SExtractor mode) and std of every ``mesh x
-    mesh`` cell, in parallel over chunks aligned to the mesh.  Reduce (client):
-    fill empty cells from their nearest neighbour, ``filter_size`` median
-    filter, bicubic spline through the cell centres.  Map: the spline is
-    evaluated on every chunk in global pixel coordinates, so the result does
-    not depend on any tiling.
-
-    Returns
-    -------
-    background, rms : dask.array.Array (float32)
-    """
-    img = image if isinstance(image, da.Array) else da.asarray(np.asarray(image))
-    msk = mask if isinstance(mask, da.Array) else da.asarray(np.asarray(mask, dtype=bool))
-    h, w = img.shape
-    mesh = int(min(mesh, h, w))
-    step = mesh * max(1, 1024 // mesh)
-    imgc = img.rechunk((step, step))
-    mskc = msk.rechunk((step, step))
-    cy = tuple(-(-c // mesh) for c in imgc.chunks[0])
-    cx = tuple(-(-c // mesh) for c in imgc.chunks[1])
-    stats = da.map_blocks(
-        _mesh_stats_block, imgc, mskc, mesh, nsigma, dtype=np.float64,
-        chunks=((2,), cy, cx), new_axis=0, meta=np.empty((0, 0, 0), np.float64),
-    )
-    grid = np.asarray(stats.compute())
-    bkg_grid = _fill_and_smooth(grid[0], filter_size)
-    rms_grid = _fill_and_smooth(grid[1], filter_size)
-    s_bkg = _make_spline(bkg_grid, mesh, (h, w))
-    s_rms = _make_spline(rms_grid, mesh, (h, w))
-    like = da.zeros((h, w), dtype=np.float32, chunks=img.chunks)
-    bkg = like.map_blocks(_spline_eval_block, s_bkg, dtype=np.float32, meta=np.empty((0, 0), np.float32))
-    rms = like.map_blocks(_spline_eval_block, s_rms, dtype=np.float32, meta=np.empty((0, 0), np.float32))
-    rms = da.maximum(rms, np.float32(np.nanmin(rms_grid[rms_grid > 0]) if (rms_grid > 0).any() else 1.0))
-    return bkg, rms
-
-
-def background_model(ds: Any, *, mesh: int = 64, use_module: bool = True, nx: int = 1,
-                     ny: int = 1) -> tuple[da.Array, da.Array, str]:
-    """Background and rms maps of an image Dataset: ``(background, rms, method)``.
-
-    Uses :func:`tilepipe.estimate_background` (the background module) when it
-    is installed and ``use_module`` is True, otherwise :func:`mesh_background`
-    (same idea: sigma-clipped mesh, median filter, spline; whole-image model).
-    ``nx, ny``: tiles for the mesh statistics, as many tasks run in parallel
-    (cut to what the mesh grid allows; the maps do not depend on them).
-    """
-    if use_module:
-        try:
-            from ..background import estimate_background  # type: ignore[attr-defined]
-        except ImportError:
-            estimate_background = None
-        except Exception as exc:  # a broken background module must not break subtraction
-            log.warning("tilepipe.background failed to import (%s: %s); using the mesh fallback",
-                        type(exc).__name__, exc)
-            estimate_background = None
-        if estimate_background is not None:
-            try:
-                h, w = ds["image"].shape
-                out = estimate_background(ds, mesh=mesh, nx=max(1, min(nx, w // (2 * mesh))),
-                                          ny=max(1, min(ny, h // (2 * mesh))))
-                return out["background"].data.astype(np.float32), out["rms"].data.astype(np.float32), "estimate_background"
-            except Exception as exc:  # colleague's module failed: documented fallback
-                warnings.warn(
-                    f"tilepipe.estimate_background failed ({type(exc).__name__}: {exc}); "
-                    "using subtract's own mesh background",
-                    FallbackWarning,
-                    stacklevel=3,
-                )
-    bkg, rms = mesh_background(ds["image"].data, ds["mask"].data, mesh=mesh)
-    return bkg, rms, "mesh"
-
-
 def _variance_block(img: np.ndarray, rms: np.ndarray, gain: float | None) -> np.ndarray:
     var = rms.astype(np.float32) ** 2
     if gain:
@@ -595,11 +437,3 @@ def fit_shift(
         out[key + "_err"] = float(std / np.sqrt(nk)) if nk > 1 else float("nan")
         out["n"] = int(nk)
     return out
-
-
-def star_table(new: Any, ref: Any, var_new: Any, var_ref: Any, bad: Any, grid: Any, **kwargs: Any) -> Table:
-    """Map step of the global fits: :func:`measure_pair_stars` on every tile, merged by ownership."""
-    from ..tiling import map_tiles_table
-
-    with dask.config.set({"array.slicing.split_large_chunks": False}):
-        return map_tiles_table(measure_pair_stars, new, ref, var_new, var_ref, bad, grid=grid, **kwargs)

@@ -902,18 +902,18 @@ def zogy_subtract(
         )
 
     # ---------------------------------------------------------- background
-    # estimate_background reads each image once for its mesh statistics; the
-    # maps stay lazy and are evaluated exactly once, in the persist below.
-    # mesh statistics one task per input chunk (parallel, no rechunk of the persisted image)
+    # the mesh backgrounds stay lazy: statistics, mesh-grid solve and maps are computed in the persist
+    # below (one pass over the pixels); mesh statistics one task per input chunk (no rechunk)
     bny, bnx = len(img_n.chunks[0]), len(img_n.chunks[1])
-    (bkg_n, rms_n, bmeth, chk_n), (bkg_r, rms_r, _, chk_r) = (
+    (bkg_n, rms_n, solved_n, check_n), (bkg_r, rms_r, solved_r, check_r) = (
         _background(ds, mesh=mesh, nx=bnx, ny=bny) for ds in (new, ref))
     if subtract_background:
         N = (img_n - bkg_n.rechunk(img_n.chunks)).astype(np.float32)
         R = (img_r - bkg_r.rechunk(img_n.chunks)).astype(np.float32)
+        bmeth = "estimate_background"
     else:
         N, R = img_n, img_r
-        bmeth = "none (rms from " + bmeth + ")"
+        bmeth = "none (rms from estimate_background)"
 
     _tick("background")
     # ------------------------------------------------------- PSFs and sizes
@@ -963,15 +963,13 @@ def zogy_subtract(
     _tick("sizes")
     # ------------------- one pass over the pixels: inputs persisted in tile chunks
     gc = grid.chunks
-    checks = [c for c in (chk_n, chk_r) if c is not None]  # lazy mesh backgrounds: computed in this persist
-    N, R, rms_n, rms_r, bad, b32n, b32r, *solved = dask.persist(
+    N, R, rms_n, rms_r, bad, b32n, b32r, solved_n, solved_r = dask.persist(
         N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc),
-        bkg_n[::32, ::32], bkg_r[::32, ::32], *[c[0] for c in checks])
-    if checks:
-        for (_, message), grids in zip(checks, dask.compute(*solved)):
-            text = message(grids)
-            if text:
-                warnings.warn(text, FallbackWarning, stacklevel=3)
+        bkg_n[::32, ::32], bkg_r[::32, ::32], solved_n, solved_r)
+    for check, grids in ((check_n, solved_n), (check_r, solved_r)):  # bad meshes: warned after the pass
+        text = check(grids.compute())
+        if text:
+            warnings.warn(text, FallbackWarning, stacklevel=3)
     if gain_n is None or gain_r is None:
         est = {}
         s32 = dict(zip(("bn", "rn", "br", "rr"), dask.compute(b32n, rms_n[::32, ::32], b32r, rms_r[::32, ::32])))
@@ -1209,31 +1207,22 @@ def _ee(p: np.ndarray, r: float | None) -> float:
     return float(p[(xx * xx + yy * yy) <= r * r].sum())
 
 
-def _background(ds: xr.Dataset, *, mesh: int, nx: int, ny: int) -> tuple[da.Array, da.Array, str, Any]:
-    """Background and rms maps of one image, left lazy: ``(background, rms, method, check)``.
+def _background(ds: xr.Dataset, *, mesh: int, nx: int, ny: int) -> tuple[da.Array, da.Array, da.Array, Any]:
+    """The mesh background of :func:`tilepipe.estimate_background` of one image, left lazy.
 
-    The mesh background (:func:`tilepipe.background.mesh_background_lazy`) is
-    computed in the same graph as the first pass over the pixels, instead of
-    one compute per image; ``check`` is ``(solved, message)``: the lazy mesh
-    grids and the function giving the bad-mesh warning from them (None for the
-    fallback).  Falls back to :func:`tilepipe.subtract.noise.background_model`
-    (with its own fallbacks) when the lazy model cannot be built.
+    Returns :func:`tilepipe.background.mesh_background_lazy`'s ``(background,
+    rms, solved, check)``: computed in the same graph as the first pass over
+    the pixels, not one compute per image.  An image smaller than one mesh
+    gets a mesh cut to its size, with a :class:`FallbackWarning`.
     """
+    from ..background import mesh_background_lazy
+
     h, w = ds["image"].shape
-    try:
-        from ..background import bad_mesh_message, mesh_background_lazy
-
-        b, r, solved, g = mesh_background_lazy(ds, mesh, nx=max(1, min(nx, w // (2 * mesh))),
-                                               ny=max(1, min(ny, h // (2 * mesh))))
-    except Exception as exc:  # noqa: BLE001 - e.g. an image smaller than a mesh: the documented fallback
-        log.info("lazy mesh background not available (%s: %s)", type(exc).__name__, exc)
-        bkg, rms, meth = nz.background_model(ds, mesh=mesh, nx=nx, ny=ny)
-        return bkg, rms, meth, None
-
-    def message(grids: np.ndarray) -> str | None:
-        return bad_mesh_message(np.asarray(grids[2]) > 0, g, (mesh, mesh), 0.5)
-
-    return b, r, "estimate_background", (solved, message)
+    my, mx = min(mesh, h), min(mesh, w)
+    if (my, mx) != (mesh, mesh):
+        warnings.warn(f"the image ({h} x {w} px) is smaller than one {mesh}-px background mesh; "
+                      f"using a {my} x {mx} px mesh", FallbackWarning, stacklevel=4)
+    return mesh_background_lazy(ds, (my, mx), nx=max(1, min(nx, w // (2 * mx))), ny=max(1, min(ny, h // (2 * my))))
 
 
 def _user_var(var: Any, ds: xr.Dataset, shape: tuple[int, int], chunks: Any, name: str) -> da.Array | None:
