@@ -766,6 +766,22 @@ def test_robust_sky_equals_the_plain_clipping_loop():
                 assert sig == ref_sig
 
 
+
+def test_median_of_two_sorted_runs_equals_the_merged_median():
+    """The bisection median of two ascending runs (the MAD step of the default variance) equals the median of
+    their merge, for every split of small arrays with ties, empty runs and odd/even totals."""
+    from tilepipe.image import _median_of_two, _median_sorted
+
+    rng = np.random.default_rng(3)
+    for _ in range(3000):
+        na, nb = rng.integers(0, 9, 2)
+        if na + nb == 0:
+            continue
+        a = np.sort(rng.integers(0, 4, na).astype(float))
+        b = np.sort(rng.normal(2.0, 1.5, nb).round(1))
+        assert _median_of_two(a, b) == _median_sorted(np.sort(np.concatenate([a, b])))
+
+
 # ------------------------------------------------------------------ regions
 @pytest.mark.parametrize("planes", [False, True])
 def test_fits_regions_equal_the_chunk_graph(tmp_path, planes):

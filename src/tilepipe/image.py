@@ -195,6 +195,32 @@ def _median_sorted(s: np.ndarray) -> float:
     return float(s[(n - 1) // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2)
 
 
+def _kth_of_two(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """The ``k``-th smallest value (0-based) of the union of two ascending arrays, by bisection.
+
+    O(log n) comparisons, no merge: the answer is the larger of ``a[i-1]``
+    and ``b[k-i]`` for the smallest ``i`` with ``a[i] >= b[k-i]``.
+    """
+    na, nb = a.size, b.size
+    lo, hi = max(0, k + 1 - nb), min(na, k + 1)
+    while lo < hi:
+        i = (lo + hi) // 2
+        if a[i] < b[k - i]:  # k - i = (k + 1 - i) - 1 is a valid index of b for lo <= i < hi
+            lo = i + 1
+        else:
+            hi = i
+    j = k + 1 - lo
+    return float(max(a[lo - 1] if lo > 0 else -np.inf, b[j - 1] if j > 0 else -np.inf))
+
+
+def _median_of_two(a: np.ndarray, b: np.ndarray) -> float:
+    """:func:`_median_sorted` of the merge of two ascending arrays (the same value, without merging)."""
+    n = a.size + b.size
+    if n % 2:
+        return _kth_of_two(a, b, (n - 1) // 2)
+    return float((_kth_of_two(a, b, n // 2 - 1) + _kth_of_two(a, b, n // 2)) / 2)
+
+
 def _robust_sky(sample: np.ndarray) -> np.ndarray:
     """Sigma-clipped median and std (MAD based) of a pixel sample: ``[sky, sigma]``.
 
@@ -202,7 +228,7 @@ def _robust_sky(sample: np.ndarray) -> np.ndarray:
     median and ``1.4826 * MAD`` of the kept values.  The sample is sorted
     once: every kept set is then a contiguous slice, and the absolute
     deviations from the median are two ascending runs (below and above it)
-    that a stable sort merges in linear time (no partition per round).
+    whose median is found by bisection (no partition or sort per round).
     """
     v = np.asarray(sample, dtype=np.float64).ravel()
     v = np.sort(v[np.isfinite(v)])
@@ -212,9 +238,7 @@ def _robust_sky(sample: np.ndarray) -> np.ndarray:
         m = int(np.searchsorted(s, med, side="left"))
         below = np.abs(s[:m] - med)[::-1]  # ascending deviations of the values below the median
         above = np.abs(s[m:] - med)
-        dev = np.concatenate([below, above])
-        dev.sort(kind="stable")  # timsort: one merge of the two runs
-        return med, 1.4826 * _median_sorted(dev), below, above, m
+        return med, 1.4826 * _median_of_two(below, above), below, above, m
 
     if v.size == 0:
         return np.array([0.0, 1.0])

@@ -57,6 +57,7 @@ differs from the whole image by ~2e-4 of the noise near bright stars
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 from typing import Any, Callable
 
@@ -320,19 +321,30 @@ def _transfer(pn: np.ndarray, pr: np.ndarray, shape: tuple[int, int], fn: float,
     isq = np.sqrt(inv)
     f_d = fr * fn / np.sqrt(sn * sn * fr * fr + sr * sr * fn * fn)  # Eq. 15
     npix = shape[0] * shape[1]
-    wn = ar * inv  # |P_r^|^2 / den
-    wr = an * inv  # |P_n^|^2 / den
+    wn = np.multiply(ar, inv, out=ar)  # |P_r^|^2 / den
     f_s = fn * fn * fr * fr * _full_plane_sum((an * wn).astype(np.float64, copy=False), shape[1]) / npix  # Eq. 42
+    wr = np.multiply(an, inv, out=an)  # |P_n^|^2 / den
+    del an, ar, inv
     kn_s, kr_s = _small_kernels(pn, pr, fn, fr, sn, sr, shift)
+    # each product written into the grid it no longer needs (same values: conj and the complex x real
+    # products are the same ufuncs in place): a few grids alive at once instead of a dozen
     isq_n = isq * fr
     isq *= fn
+    dn = Pr * isq_n  # Eq. 13, operator on N^
+    dr = Pn * isq  # Eq. 13, operator on R^
+    del isq, isq_n
     wn *= fn * fr * fr
     wr *= fr * fn * fn
+    kn = np.conjugate(Pn, out=Pn)
+    kn *= wn  # Eq. 28
+    kr = np.conjugate(Pr, out=Pr)
+    kr *= wr  # Eq. 29
+    del wn, wr, Pn, Pr
     return {
-        "dn": (Pr * isq_n).astype(ctype, copy=False),  # Eq. 13, operator on N^
-        "dr": (Pn * isq).astype(ctype, copy=False),  # Eq. 13, operator on R^
-        "kn": (np.conj(Pn) * wn).astype(ctype, copy=False),  # Eq. 28
-        "kr": (np.conj(Pr) * wr).astype(ctype, copy=False),  # Eq. 29
+        "dn": dn.astype(ctype, copy=False),
+        "dr": dr.astype(ctype, copy=False),
+        "kn": kn.astype(ctype, copy=False),
+        "kr": kr.astype(ctype, copy=False),
         "kn2": _psf_fft(kn_s * kn_s, shape, dtype=rdt).astype(ctype, copy=False),  # Eq. 26 kernel k_n^2
         "kr2": _psf_fft(kr_s * kr_s, shape, dtype=rdt).astype(ctype, copy=False),  # Eq. 27 kernel k_r^2
         "f_d": f_d,
@@ -490,44 +502,51 @@ def zogy_arrays(
                   _psf_shifts(psf_new, psf_ref, shift, shift_on), ctype)
     badm = np.asarray(bad, bool) | ~np.isfinite(new) | ~np.isfinite(ref)
     anyb = bool(badm.any())
-    n = np.array(new, dtype=fdt)
-    r = np.array(ref, dtype=fdt)
-    vn = np.array(var_new, dtype=fdt)
-    vr = np.array(var_ref, dtype=fdt)
-    if anyb:
-        n[badm] = 0
-        r[badm] = 0
-    for v, fill in ((vn, sigma_new**2), (vr, sigma_ref**2)):
+    edges = (pb > 0, pt > 0, pl > 0, pr_ > 0)
+    wk = _FFT_WORKERS
+    crop = (slice(pb, pb + h), slice(pl, pl + w))
+    # Each grid is freed (and each operator dropped from T) as soon as it has been used: the peak is a few
+    # grids, not all of them at once (less memory, and fewer fresh pages to fault in on a first call).
+    # 1. V(S_N) + V(S_R), Eqs. 26-27: the variance maps convolved with k_n^2, k_r^2
+    VNh = None
+    for var, sig, seed, key in ((var_new, sigma_new, 0, "kn2"), (var_ref, sigma_ref, 0, "kr2")):
+        v = np.array(var, dtype=fdt)
         fix = ~np.isfinite(v)
         if anyb:
             fix |= badm
         if fix.any():
-            v[fix] = fill
-    edges = (pb > 0, pt > 0, pl > 0, pr_ > 0)
-    n = _noise_pad(n, before, after, origin, sigma_new, 0.0, 1, edges)
-    r = _noise_pad(r, before, after, origin, sigma_ref, 0.0, 2, edges)
-    vn = _noise_pad(vn, before, after, origin, 0.0, sigma_new**2, 0, edges)
-    vr = _noise_pad(vr, before, after, origin, 0.0, sigma_ref**2, 0, edges)
-    wk = _FFT_WORKERS
-    Nh = sfft.rfft2(n, workers=wk)
-    Rh = sfft.rfft2(r, workers=wk)
-    X = T["dn"] * Nh
-    X -= T["dr"] * Rh
-    D = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 13
-    np.multiply(T["kn"], Nh, out=X)
-    SN = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 30
-    np.multiply(T["kr"], Rh, out=X)
-    SR = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 31
-    del X, Nh, Rh
-    VNh = sfft.rfft2(vn, workers=wk)
-    VNh *= T["kn2"]
-    VRh = sfft.rfft2(vr, workers=wk)
-    VRh *= T["kr2"]
-    VNh += VRh
-    del VRh
-    V = sfft.irfft2(VNh, s=shape, workers=wk)  # Eqs. 26-27: V(S_N) + V(S_R)
+            v[fix] = sig**2
+        v = _noise_pad(v, before, after, origin, 0.0, sig**2, seed, edges)
+        Vh = sfft.rfft2(v, workers=wk)
+        del v
+        Vh *= T.pop(key)
+        if VNh is None:
+            VNh = Vh
+        else:
+            VNh += Vh
+        del Vh
+    V = np.maximum(sfft.irfft2(VNh, s=shape, workers=wk)[crop], 0)
     del VNh
-    crop = (slice(pb, pb + h), slice(pl, pl + w))
+    # 2. the data transforms
+    n = np.array(new, dtype=fdt)
+    if anyb:
+        n[badm] = 0
+    Nh = sfft.rfft2(_noise_pad(n, before, after, origin, sigma_new, 0.0, 1, edges), workers=wk)
+    r = np.array(ref, dtype=fdt)
+    if anyb:
+        r[badm] = 0
+    Rh = sfft.rfft2(_noise_pad(r, before, after, origin, sigma_ref, 0.0, 2, edges), workers=wk)
+    del n, r
+    X = T.pop("dn") * Nh
+    X -= T.pop("dr") * Rh
+    diff = sfft.irfft2(X, s=shape, workers=wk)[crop] / T["f_d"]  # Eq. 13, D / F_D
+    np.multiply(T.pop("kn"), Nh, out=X)
+    del Nh
+    SN = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 30
+    np.multiply(T.pop("kr"), Rh, out=X)
+    del Rh
+    SR = sfft.irfft2(X, s=shape, workers=wk)  # Eq. 31
+    del X
     # central differences (np.gradient) on the crop grown by 1 px where the grid allows:
     # identical to the gradient of the whole grid, at a fraction of the cost
     gy0, gy1, gx0, gx1 = max(0, pb - 1), min(fy, pb + h + 1), max(0, pl - 1), min(fx, pl + w + 1)
@@ -541,8 +560,9 @@ def zogy_arrays(
         gy *= gy
         vast += (dx * dx) * gx
         vast += (dy * dy) * gy  # Eqs. 32-33
+        del gx, gy
     S = SN[crop] - SR[crop]  # Eq. 17
-    V = np.maximum(V[crop], 0)
+    del SN, SR
     f_s = T["f_s"]
     with np.errstate(invalid="ignore", divide="ignore"):
         vast += V
@@ -550,7 +570,7 @@ def zogy_arrays(
         fpsf = S / f_s  # Eq. 41
         fpsf_err = np.sqrt(V) / f_s  # Eq. 43
     return {
-        "diff": (D[crop] / T["f_d"]).astype(fdt, copy=False),
+        "diff": diff.astype(fdt, copy=False),
         "scorr": scorr.astype(fdt, copy=False),
         "s": S.astype(fdt, copy=False),
         "fpsf": fpsf.astype(fdt, copy=False),
@@ -699,22 +719,23 @@ def _zogy_tile(new, ref, vnew, vref, bad, *, tile, tgrid, psfs_new, psfs_ref, fe
     return res
 
 
-def _assemble_core(grid: TileGrid, index: int, feather: int, *parts: np.ndarray) -> np.ndarray:
-    """One output core: the partition-of-unity weighted sum of its neighbours' blend regions.
+def _blend_parts(grid: TileGrid, index: int, feather: int) -> list[tuple[int, tuple[slice, slice], tuple[slice, slice], np.ndarray]]:
+    """Where each tile contributes to the output core of tile ``index``.
 
-    ``parts`` are the :func:`_zogy_tile` results of the (up to 9) tiles whose
-    blend region meets this core, in :func:`_neighbours` order.  Weights are
-    separable tents (:func:`_edge_weights`) that sum to exactly 1 at every
-    pixel; the sum is accumulated in float64 and a pixel is masked (NaN) when
-    any tile with a non-zero weight there masks it.
+    Per tile ``j`` of :func:`_neighbours` with a non-zero weight somewhere in
+    the core: ``(j, src, dst, w)``, where ``src`` are the slices of ``j``'s
+    :func:`_zogy_tile` result (its blend region) that land on the core slices
+    ``dst``, and ``w`` the separable tent weights (:func:`_edge_weights`) on
+    ``dst``.  For a neighbour that is a strip of ``2 feather`` px at most: the
+    graph cuts it where the neighbour's result lives, so only strips travel
+    between workers, not whole tile results.
     """
     tile = grid.tile(index)
     cy, cx = tile.core
     ys = np.arange(cy.start, cy.stop)
     xs = np.arange(cx.start, cx.stop)
-    acc = np.zeros((5, ys.size, xs.size))
-    mask = np.zeros((ys.size, xs.size), bool)
-    for j, part in zip(_neighbours(grid, index, feather), parts):
+    out = []
+    for j in _neighbours(grid, index, feather):
         nb = grid.tile(j)
         ext = _extended(grid, nb, feather)
         wy = _edge_weights(grid.y_edges, nb.iy, ys, feather)
@@ -723,16 +744,40 @@ def _assemble_core(grid: TileGrid, index: int, feather: int, *parts: np.ndarray)
         rx = np.nonzero(wx > 0)[0]
         if ry.size == 0 or rx.size == 0:
             continue
-        a, b = slice(ry[0], ry[-1] + 1), slice(rx[0], rx[-1] + 1)
-        src = (slice(cy.start + ry[0] - ext[0].start, cy.start + ry[-1] + 1 - ext[0].start),
-               slice(cx.start + rx[0] - ext[1].start, cx.start + rx[-1] + 1 - ext[1].start))
-        p = part[(slice(None),) + src]
+        dst = (slice(int(ry[0]), int(ry[-1]) + 1), slice(int(rx[0]), int(rx[-1]) + 1))
+        src = (slice(cy.start + dst[0].start - ext[0].start, cy.start + dst[0].stop - ext[0].start),
+               slice(cx.start + dst[1].start - ext[1].start, cx.start + dst[1].stop - ext[1].start))
+        out.append((j, src, dst, wy[dst[0], None] * wx[None, dst[1]]))
+    return out
+
+
+def _cut_part(result: np.ndarray, src: tuple[slice, slice]) -> np.ndarray:
+    """The ``src`` part of a tile result (all 6 planes), as its own array (what travels to another worker)."""
+    return np.ascontiguousarray(result[(slice(None),) + src])
+
+
+def _assemble_core(grid: TileGrid, index: int, feather: int, *parts: np.ndarray) -> np.ndarray:
+    """One output core: the partition-of-unity weighted sum of its neighbours' blend regions.
+
+    ``parts`` are the pieces of the :func:`_zogy_tile` results that land on
+    this core, in :func:`_blend_parts` order (each already cut to its
+    ``src``).  Weights are separable tents (:func:`_edge_weights`) that sum
+    to exactly 1 at every pixel; the sum is accumulated in float64 and a
+    pixel is masked (NaN) when any tile with a non-zero weight there masks it.
+    """
+    cy, cx = grid.tile(index).core
+    shape = (cy.stop - cy.start, cx.stop - cx.start)
+    acc = np.zeros((5,) + shape)
+    mask = np.zeros(shape, bool)
+    blend = _blend_parts(grid, index, feather)
+    if len(parts) != len(blend):
+        raise ValueError(f"internal: {len(parts)} parts for the {len(blend)} blend regions of tile {index}")
+    for (_, _, (a, b), w), p in zip(blend, parts):
         pm = p[5] > 0
-        w = wy[a, None] * wx[None, b]
         mask[a, b] |= pm
         acc[:, a, b] += np.where(pm, 0.0, p[:5]) * w
     acc[:, mask] = np.nan
-    out = np.empty((6, ys.size, xs.size), np.float32)
+    out = np.empty((6,) + shape, np.float32)
     out[:5] = acc
     out[5] = mask
     return out
@@ -1339,8 +1384,15 @@ def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_ne
         dsk[(tname, t.index)] = (apply, _zogy_tile_delayed, [refs, grid, t.index], kw)
     for t in grid.tiles:
         if feather > 0:  # the output core: the weighted sum of the blend regions that cover it
-            dsk[(aname, 0, t.iy, t.ix)] = (_assemble_core, grid, t.index, feather,
-                                           *[(tname, j) for j in _neighbours(grid, t.index, feather)])
+            parts = []
+            for j, src, _, _ in _blend_parts(grid, t.index, feather):
+                if j == t.index:  # the tile's own result (where this task runs): a view
+                    parts.append((operator.getitem, (tname, j), (slice(None),) + src))
+                    continue
+                # a neighbour's strip, cut where its result lives: only the strip travels between workers
+                dsk[(tname + "-part", t.index, j)] = (_cut_part, (tname, j), src)
+                parts.append((tname + "-part", t.index, j))
+            dsk[(aname, 0, t.iy, t.ix)] = (_assemble_core, grid, t.index, feather, *parts)
         else:
             dsk[(aname, 0, t.iy, t.ix)] = (tname, t.index)
     graph = HighLevelGraph.from_collections(aname, dsk, dependencies=[N, R, VN, VR, bad])
