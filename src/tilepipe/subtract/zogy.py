@@ -509,14 +509,14 @@ def zogy_arrays(
     # grids, not all of them at once (less memory, and fewer fresh pages to fault in on a first call).
     # 1. V(S_N) + V(S_R), Eqs. 26-27: the variance maps convolved with k_n^2, k_r^2
     VNh = None
-    for var, sig, seed, key in ((var_new, sigma_new, 0, "kn2"), (var_ref, sigma_ref, 0, "kr2")):
+    for var, sig, key in ((var_new, sigma_new, "kn2"), (var_ref, sigma_ref, "kr2")):
         v = np.array(var, dtype=fdt)
         fix = ~np.isfinite(v)
         if anyb:
             fix |= badm
         if fix.any():
             v[fix] = sig**2
-        v = _noise_pad(v, before, after, origin, 0.0, sig**2, seed, edges)
+        v = _noise_pad(v, before, after, origin, 0.0, sig**2, 0, edges)  # constant fill: no noise, no seed
         Vh = sfft.rfft2(v, workers=wk)
         del v
         Vh *= T.pop(key)
