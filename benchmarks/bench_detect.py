@@ -52,6 +52,8 @@ import time
 
 import numpy as np
 
+from _runs import summarize  # benchmarks/_runs.py (this script's folder is on sys.path)
+
 
 def _rss_mb() -> float:
     """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is reset by exec)."""
@@ -193,18 +195,6 @@ def spawn(method, path, truth, size, workers=1, timeout=600, halo="read"):
     raise RuntimeError(f"{method} failed:\n{p.stderr[-3000:]}")
 
 
-def _summary(runs: list[dict]) -> dict:
-    """One row from repeated runs: median wall time (and its range), largest peak memory."""
-    out = dict(runs[0])
-    walls = sorted(r["wall"] for r in runs)
-    out["wall"] = float(np.median(walls))
-    out["wall_range"] = (walls[0], walls[-1])
-    out["mem"] = max(r["mem"] for r in runs)
-    if "worker_mem" in out:
-        out["worker_mem"] = max(r["worker_mem"] for r in runs)
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -256,7 +246,7 @@ def main():
             for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every method alike
                 for name, method, w, halo in jobs:
                     runs[name].append(spawn(method, path, truth, size, workers=w, halo=halo))
-            res = {name: _summary(rs) for name, rs in runs.items()}
+            res = {name: summarize(rs, ("mem", "worker_mem")) for name, rs in runs.items()}
             ref = res.get("sep")
             for name, r in res.items():
                 rows.append((size, name, r, ref))

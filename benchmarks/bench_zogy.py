@@ -50,6 +50,8 @@ import warnings
 
 import numpy as np
 
+from _runs import summarize  # benchmarks/_runs.py (this script's folder is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -344,21 +346,6 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(r))
 
 
-def _summary(runs: list[dict]) -> dict:
-    """One row from repeated runs of a method: the run with the median wall time (its quality metrics are
-    the same in every run), the range of the wall times, the largest peak memory."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return runs[0]
-    ok.sort(key=lambda r: r["wall"])
-    out = dict(ok[(len(ok) - 1) // 2])
-    out["wall"] = float(np.median([r["wall"] for r in ok]))
-    out["runs"] = len(ok)
-    out["wall_range"] = (ok[0]["wall"], ok[-1]["wall"])
-    out["peak_mb"] = max(r["peak_mb"] for r in ok)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024])
@@ -399,7 +386,7 @@ def main() -> None:
                 r["load"] = load0
                 runs.setdefault(name, []).append(r)
                 print(f"[{size}] {name}: {r}", file=sys.stderr, flush=True)
-        results = {name: _summary(rs) for name, rs in runs.items()}
+        results = {name: summarize(rs, ("peak_mb",)) for name, rs in runs.items()}
         ref_t = results.get("stdpipe run_zogy nx=1", {}).get("wall")
         ref_m = results.get("stdpipe run_zogy nx=1", {}).get("peak_mb")
         for name, r in results.items():

@@ -766,7 +766,6 @@ def test_robust_sky_equals_the_plain_clipping_loop():
                 assert sig == ref_sig
 
 
-
 def test_median_of_two_sorted_runs_equals_the_merged_median():
     """The bisection median of two ascending runs (the MAD step of the default variance) equals the median of
     their merge, for every split of small arrays with ties, empty runs and odd/even totals."""

@@ -1011,8 +1011,8 @@ def zogy_subtract(
     N, R, rms_n, rms_r, bad, b32n, b32r, solved_n, solved_r = dask.persist(
         N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc),
         bkg_n[::32, ::32], bkg_r[::32, ::32], solved_n, solved_r)
-    for check, grids in ((check_n, solved_n), (check_r, solved_r)):  # bad meshes: warned after the pass
-        text = check(grids.compute())
+    for check, grids in zip((check_n, check_r), dask.compute(solved_n, solved_r)):  # bad meshes: after the pass
+        text = check(grids)
         if text:
             warnings.warn(text, FallbackWarning, stacklevel=3)
     if gain_n is None or gain_r is None:

@@ -1,0 +1,232 @@
+"""Benchmark: where the time goes, piece by piece (detection at 2k; ZOGY tasks on threads vs worker processes).
+
+Two measurements that back the explanations next to the README's detection and ZOGY tables:
+
+1. **Detection pieces** (one process, warm: one untimed call first).  tilepipe's
+   ``detect_sources`` on the seeded ``make_field`` image written to FITS
+   (``--detect-size``, 2×2 tiles of ~1024², dask's synchronous scheduler), with
+   its main steps wrapped by timers (total seconds per call, median of
+   ``--calls``), next to sep's own steps on the same image (``sep.Background``,
+   the ``back()``/``rms()`` maps, ``sep.extract`` of the whole image).
+2. **ZOGY tasks** (``--zogy-size``, nx=4, true PSFs, the ``bench_zogy.py``
+   pair): the run on one thread of the client process (task functions wrapped
+   by timers) and on a LocalCluster of 1 and 2 single-threaded workers
+   (``distributed.get_task_stream``: compute and transfer seconds summed per
+   task-name prefix), each in a fresh process, with the process's (or the
+   workers') minor page faults and user/system CPU.
+
+Usage::
+
+    python benchmarks/bench_breakdown.py [--detect-size 2048] [--calls 3] [--zogy-size 4096] [--skip-zogy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+
+def _timers(targets):
+    """Wrap ``(module, attribute, label)`` functions with accumulating timers; returns the totals dict."""
+    acc: dict[str, float] = collections.defaultdict(float)
+    for mod, attr, label in targets:
+        f = getattr(mod, attr)
+
+        @functools.wraps(f)
+        def g(*a, __f=f, __label=label, **k):
+            t0 = time.perf_counter()
+            try:
+                return __f(*a, **k)
+            finally:
+                acc[__label] += time.perf_counter() - t0
+
+        setattr(mod, attr, g)
+    return acc
+
+
+def _rusage() -> tuple[int, float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_utime, r.ru_stime
+
+
+# ------------------------------------------------------------------ detection
+def detect_pieces(size: int, calls: int) -> None:
+    import dask
+    import distributed  # noqa: F401  (dask imports it at the first compute)
+    import scipy.ndimage
+    import sep
+    from astropy.io import fits
+
+    import tilepipe as tp
+    import tilepipe.background as B
+    import tilepipe.detect as D
+    import tilepipe.image as I
+    from tilepipe.datasets import make_field
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "field.fits")
+        fits.writeto(path, np.asarray(make_field((size, size), seed=0).image["image"].values, dtype=np.float32))
+        acc = _timers([
+            (D, "_sep_extract", "sep.extract on tile boxes + blend re-extractions"),
+            (B, "_stacked_mesh_stats", "mesh statistics (per chunk)"),
+            (B, "_eval_solved_region", "background + rms maps on the windows"),
+            (I, "_sky_and_noise", "default variance: sky statistics"),
+            (I, "_bad_region", "bad-pixel masks"),
+            (D, "_bundle_block", "detection stack (image - background, noise, variance)"),
+            (scipy.ndimage, "label", "labelling the blends"),
+            (D, "_rows", "catalog columns from sep objects"),
+        ])
+        nt = max(1, size // 1024)
+        per_call: list[dict[str, float]] = []
+        with dask.config.set(scheduler="synchronous"):
+            for i in range(calls + 1):
+                acc.clear()
+                t0 = time.perf_counter()
+                tp.detect_sources(tp.open_image(path, chunks=1024), nsigma=1.5, nx=nt, ny=nt)
+                total = time.perf_counter() - t0
+                if i:  # the first call is untimed (first-use costs)
+                    per_call.append({**acc, "total (detect_sources, open_image included)": total})
+        data = np.ascontiguousarray(fits.getdata(path), dtype=np.float32)
+        seps: list[dict[str, float]] = []
+        for i in range(calls + 1):
+            t0 = time.perf_counter()
+            bkg = sep.Background(data, bw=64, bh=64, fw=3, fh=3)
+            t1 = time.perf_counter()
+            sub = data - bkg.back()
+            rms = bkg.rms()
+            t2 = time.perf_counter()
+            sep.set_extract_pixstack(max(300_000, data.size // 8))
+            sep.set_sub_object_limit(4096)
+            sep.extract(sub, 1.5, err=rms, filter_type="conv")
+            t3 = time.perf_counter()
+            if i:
+                seps.append({"sep.Background": t1 - t0, "back() + rms() maps": t2 - t1,
+                             "sep.extract (whole image)": t3 - t2, "total": t3 - t0})
+    print(f"\nDetection pieces, {size}² field, {nt}x{nt} tiles, one warm process (median of {calls} calls, seconds)\n")
+    print("| step | seconds |\n|---|---|")
+    for k in per_call[0]:
+        print(f"| tilepipe: {k} | {np.median([c.get(k, 0.0) for c in per_call]):.3f} |")
+    for k in seps[0]:
+        print(f"| sep: {k} | {np.median([c[k] for c in seps]):.3f} |")
+
+
+# ----------------------------------------------------------------------- ZOGY
+def _zogy_inputs(size: int):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_zogy import _warm, pair_files
+
+    from tilepipe.datasets import TruePSF
+
+    d = pair_files(size, os.path.join(tempfile.gettempdir(), "tilepipe-bench-zogy"))
+    with open(os.path.join(d, "new_psf.json")) as f:
+        pn = TruePSF(json.load(f))
+    with open(os.path.join(d, "ref_psf.json")) as f:
+        pr = TruePSF(json.load(f))
+    return d, pn, pr, _warm
+
+
+def _zogy_run(d, pn, pr) -> float:
+    import dask
+
+    import tilepipe as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        res = tp.subtract(tp.open_image(os.path.join(d, "new.fits")), tp.open_image(os.path.join(d, "ref.fits")),
+                          nx=4, new_psf=pn, ref_psf=pr)
+        dask.compute(*(res[k].data for k in ("scorr", "fpsf", "fpsf_err", "mask", "diff")))
+        return time.perf_counter() - t0
+
+
+def zogy_child(size: int, workers: int) -> dict:
+    """One fresh-process ZOGY run: ``workers`` = 0 for one thread of this process."""
+    import importlib
+
+    import dask
+
+    d, pn, pr, warm = _zogy_inputs(size)
+    warm()
+    if workers == 0:
+        zm = importlib.import_module("tilepipe.subtract.zogy")
+        acc = _timers([(zm, "_zogy_tile_delayed", "zogy-tile"), (zm, "_stars_task", "zogy-stars"),
+                       (zm, "_assemble_core", "zogy (blend)"), (zm, "_median_finite", "per-tile noise medians")])
+        r0 = _rusage()
+        with dask.config.set(scheduler="threads", num_workers=1):
+            wall = _zogy_run(d, pn, pr)
+        r1 = _rusage()
+        return {"wall": wall, "compute": dict(acc), "transfer": {},
+                "faults": r1[0] - r0[0], "user": r1[1] - r0[1], "sys": r1[2] - r0[2]}
+    from dask.utils import key_split
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from tilepipe.cluster import WORKER_ENVIRON
+
+    dask.config.set(WORKER_ENVIRON)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=50) as cluster, Client(cluster) as client:
+        client.run(warm)
+        w0 = client.run(_rusage)
+        with get_task_stream(client) as ts:
+            wall = _zogy_run(d, pn, pr)
+        w1 = client.run(_rusage)
+    comp: dict[str, float] = collections.defaultdict(float)
+    xfer: dict[str, float] = collections.defaultdict(float)
+    for t in ts.data:
+        for s in t["startstops"]:
+            (comp if s["action"] == "compute" else xfer)[key_split(t["key"])] += s["stop"] - s["start"]
+    return {"wall": wall, "compute": dict(comp), "transfer": dict(xfer),
+            "faults": sum(w1[k][0] - w0[k][0] for k in w0), "user": sum(w1[k][1] - w0[k][1] for k in w0),
+            "sys": sum(w1[k][2] - w0[k][2] for k in w0)}
+
+
+def zogy_tasks(size: int) -> None:
+    print(f"\nZOGY tasks, {size}² pair, nx=4, each configuration in a fresh process (seconds summed over tasks)\n")
+    for workers in (0, 1, 2):
+        p = subprocess.run([sys.executable, __file__, "--zogy-child", str(workers), "--zogy-size", str(size)],
+                           capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            print(f"workers={workers}: failed\n{p.stderr[-2000:]}")
+            continue
+        r = json.loads(line[-1][7:])
+        what = "one thread of the client process" if workers == 0 else f"{workers} worker process(es)"
+        print(f"**{what}**: wall {r['wall']:.2f} s; compute summed {sum(r['compute'].values()):.2f} s; "
+              f"transfer summed {sum(r['transfer'].values()):.2f} s; minor page faults {r['faults']}, "
+              f"user {r['user']:.2f} s, system {r['sys']:.2f} s ({'process' if workers == 0 else 'workers'})\n")
+        print("| task | compute | transfer |\n|---|---|---|")
+        keys = sorted(set(r["compute"]) | set(r["transfer"]), key=lambda k: -r["compute"].get(k, 0.0))
+        for k in keys[:12]:
+            print(f"| {k} | {r['compute'].get(k, 0.0):.2f} | {r['transfer'].get(k, 0.0):.2f} |")
+        print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--detect-size", type=int, default=2048)
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--zogy-size", type=int, default=4096)
+    ap.add_argument("--skip-zogy", action="store_true")
+    ap.add_argument("--zogy-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.zogy_child is not None:
+        print("RESULT " + json.dumps(zogy_child(args.zogy_size, args.zogy_child)))
+        return
+    detect_pieces(args.detect_size, args.calls)
+    if not args.skip_zogy:
+        zogy_tasks(args.zogy_size)
+
+
+if __name__ == "__main__":
+    main()
