@@ -13,7 +13,10 @@ Two measurements that back the explanations next to the README's detection and Z
    by timers) and on a LocalCluster of 1 and 2 single-threaded workers
    (``distributed.get_task_stream``: compute and transfer seconds summed per
    task-name prefix), each in a fresh process, with the process's (or the
-   workers') minor page faults and user/system CPU.
+   workers') minor page faults and user/system CPU.  The pair is read from
+   FITS files, so every task reads its own box (``tilepipe-windows``: the
+   per-core statistics, then the star measurements; ``zogy-tile``: the
+   tiles; ``zogy``: the feathered blend).
 
 Usage::
 
@@ -160,8 +163,14 @@ def zogy_child(size: int, workers: int) -> dict:
     warm()
     if workers == 0:
         zm = importlib.import_module("tilepipe.subtract.zogy")
-        acc = _timers([(zm, "_zogy_tile_delayed", "zogy-tile"), (zm, "_stars_task", "zogy-stars"),
-                       (zm, "_assemble_core", "zogy (blend)"), (zm, "_median_finite", "per-tile noise medians")])
+        import tilepipe.background as B
+
+        # FITS inputs take the region path (tasks read their own boxes); the chunk path's functions are
+        # wrapped too, for runs with tilepipe.subtract.zogy._USE_REGIONS set to False
+        acc = _timers([(zm, "_zogy_region_tile", "zogy-tile"), (zm, "_zogy_tile_delayed", "zogy-tile"),
+                       (zm, "_stars_window", "zogy-stars"), (zm, "_stars_task", "zogy-stars"),
+                       (zm, "_core_stats", "per-tile core statistics"), (zm, "_assemble_core", "zogy (blend)"),
+                       (B, "_stacked_mesh_stats", "tilepipe-mesh-stats")])
         r0 = _rusage()
         with dask.config.set(scheduler="threads", num_workers=1):
             wall = _zogy_run(d, pn, pr)

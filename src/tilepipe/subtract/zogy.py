@@ -56,8 +56,10 @@ differs from the whole image by ~2e-4 of the noise near bright stars
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import operator
+import uuid
 import warnings
 from typing import Any, Callable
 
@@ -74,7 +76,7 @@ from scipy import ndimage
 from .._validate import as_pair, check_choice, check_int, check_positive
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
-from ..tiling import TileGrid, _tile_table, merge_tables
+from ..tiling import Region, TileGrid, _tile_table, evaluate_regions, map_windows, merge_tables, region_of
 from . import noise as nz
 
 log = logging.getLogger(__name__)
@@ -869,6 +871,18 @@ def _tile_stats(arr: da.Array, grid: TileGrid, func: Callable[[np.ndarray], floa
     return [float(v) for v in np.asarray(stats.compute()).ravel()]
 
 
+def _check_fracs(fracs: list[float], nx: int, ny: int) -> None:
+    """Raise when no pixel, or no pixel of some tile, is valid in both images."""
+    if max(fracs) == 0:
+        raise ValueError("no pixel is valid in both images (the combined mask covers everything); check the masks and overlap of the images")
+    dead = [i for i, f in enumerate(fracs) if f == 0]
+    if dead:
+        raise ValueError(
+            f"tile(s) {dead} of the {ny}x{nx} grid are entirely masked in new or ref: nothing to subtract there. "
+            "Use a coarser grid (smaller nx/ny) or crop the images to the common valid area"
+        )
+
+
 def _median_finite(a: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     a = a[np.isfinite(a)]
@@ -927,24 +941,21 @@ def zogy_subtract(
     nx = check_int("nx", nx, lower=1)
     ny = nx if ny is None else check_int("ny", ny, lower=1)
     _tick = _phase_timer()
-    # read the inputs once: every later pass works on these persisted chunks
-    img_n = new["image"].data
-    img_r, m_n, m_r = (a.rechunk(img_n.chunks) for a in (ref["image"].data, new["mask"].data, ref["mask"].data))
-    img_n, img_r, m_n, m_r = dask.persist(img_n, img_r, m_n, m_r)
-    new = new.assign(image=(("y", "x"), img_n), mask=(("y", "x"), m_n))
-    ref = ref.assign(image=(("y", "x"), img_r), mask=(("y", "x"), m_r))
-    bad = m_n | m_r | ~da.isfinite(img_n) | ~da.isfinite(img_r)
+    # FITS files opened lazily: every task reads its own box from the files (no input chunk travels
+    # between workers, nothing is persisted); otherwise the inputs are read once and persisted
+    rin = _pair_regions(new, ref, new_var, ref_var) if _USE_REGIONS.get() else None
     pre_grid = TileGrid(shape, nx=nx, ny=ny)
-    fracs = _tile_stats(bad, pre_grid, _good_fraction)
-    _tick("read + mask check")
-    if max(fracs) == 0:
-        raise ValueError("no pixel is valid in both images (the combined mask covers everything); check the masks and overlap of the images")
-    dead = [i for i, f in enumerate(fracs) if f == 0]
-    if dead:
-        raise ValueError(
-            f"tile(s) {dead} of the {ny}x{nx} grid are entirely masked in new or ref: nothing to subtract there. "
-            "Use a coarser grid (smaller nx/ny) or crop the images to the common valid area"
-        )
+    if rin is None:
+        img_n = new["image"].data
+        img_r, m_n, m_r = (a.rechunk(img_n.chunks) for a in (ref["image"].data, new["mask"].data, ref["mask"].data))
+        img_n, img_r, m_n, m_r = dask.persist(img_n, img_r, m_n, m_r)
+        new = new.assign(image=(("y", "x"), img_n), mask=(("y", "x"), m_n))
+        ref = ref.assign(image=(("y", "x"), img_r), mask=(("y", "x"), m_r))
+        bad = m_n | m_r | ~da.isfinite(img_n) | ~da.isfinite(img_r)
+        _check_fracs(_tile_stats(bad, pre_grid, _good_fraction), nx, ny)
+        _tick("read + mask check")
+    else:
+        img_n, img_r = new["image"].data, ref["image"].data
 
     # ---------------------------------------------------------- background
     # the mesh backgrounds stay lazy: statistics, mesh-grid solve and maps are computed in the persist
@@ -952,7 +963,29 @@ def zogy_subtract(
     bny, bnx = len(img_n.chunks[0]), len(img_n.chunks[1])
     (bkg_n, rms_n, solved_n, check_n), (bkg_r, rms_r, solved_r, check_r) = (
         _background(ds, mesh=mesh, nx=bnx, ny=bny) for ds in (new, ref))
-    if subtract_background:
+    if rin is not None:
+        # one pass: mesh statistics, the mesh-grid solves, then per tile core the good fraction, the
+        # noise medians and the strided samples of the maps (the tiles' boxes are read later, by each task)
+        rbad = Region(_pair_bad_region, {"mn": rin["mask_n"], "mr": rin["mask_r"], "a": rin["img_n"],
+                                         "b": rin["img_r"]})
+        step = max(1, int(np.sqrt(h * w / 250_000)))
+        core_stats, filled = map_windows(_core_stats, [rbad] + [region_of(a) for a in (bkg_n, rms_n, bkg_r, rms_r)],
+                                         [_window(t.core) for t in pre_grid.tiles], step=step)
+        _, rbkg_n, rrms_n, rbkg_r, rrms_r = filled  # rbad as built: it shares the file regions with rN, rR
+        _check_fracs([c["good"] for c in core_stats], nx, ny)
+        for check, r_ in ((check_n, rrms_n), (check_r, rrms_r)):
+            text = check(r_.kwargs["solved"])
+            if text:
+                warnings.warn(text, FallbackWarning, stacklevel=3)
+        if subtract_background:
+            rN = Region(_sub_region, {"a": rin["img_n"], "b": rbkg_n})
+            rR = Region(_sub_region, {"a": rin["img_r"], "b": rbkg_r})
+        else:
+            rN, rR = rin["img_n"], rin["img_r"]
+        N = _region_array(rN, pre_grid, np.float32, "zogy-new")
+        R = _region_array(rR, pre_grid, np.float32, "zogy-ref")
+        bmeth = "estimate_background" if subtract_background else "none (rms from estimate_background)"
+    elif subtract_background:
         N = (img_n - bkg_n.rechunk(img_n.chunks)).astype(np.float32)
         R = (img_r - bkg_r.rechunk(img_n.chunks)).astype(np.float32)
         bmeth = "estimate_background"
@@ -967,13 +1000,16 @@ def zogy_subtract(
     f_new = as_psf_function(new_psf, "new_psf")
     f_ref = as_psf_function(ref_psf, "ref_psf")
     if fwhm_n is None or fwhm_r is None:
-        cy, cx = slice(max(0, h // 2 - 512), h // 2 + 512), slice(max(0, w // 2 - 512), w // 2 + 512)
+        cy, cx = slice(max(0, h // 2 - 512), min(h, h // 2 + 512)), slice(max(0, w // 2 - 512), min(w, w // 2 + 512))
         if fwhm_n is None:
             fwhm_n = _stamp_fwhm(f_new(w / 2, h / 2)) if f_new else None
         if fwhm_r is None:
             fwhm_r = _stamp_fwhm(f_ref(w / 2, h / 2)) if f_ref else None
         if fwhm_n is None or fwhm_r is None:
-            cut_n, cut_r, cut_b = dask.compute(N[cy, cx], R[cy, cx], bad[cy, cx])
+            if rin is not None:
+                cut_n, cut_r, cut_b = evaluate_regions([rN, rR, rbad], cy, cx)
+            else:
+                cut_n, cut_r, cut_b = dask.compute(N[cy, cx], R[cy, cx], bad[cy, cx])
             fwhm_n = nz.estimate_fwhm(cut_n, cut_b) if fwhm_n is None else fwhm_n
             fwhm_r = nz.estimate_fwhm(cut_r, cut_b) if fwhm_r is None else fwhm_r
     fwhm_n, fwhm_r = float(fwhm_n), float(fwhm_r)
@@ -1008,16 +1044,20 @@ def zogy_subtract(
     _tick("sizes")
     # ------------------- one pass over the pixels: inputs persisted in tile chunks
     gc = grid.chunks
-    N, R, rms_n, rms_r, bad, b32n, b32r, solved_n, solved_r = dask.persist(
-        N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc),
-        bkg_n[::32, ::32], bkg_r[::32, ::32], solved_n, solved_r)
-    for check, grids in zip((check_n, check_r), dask.compute(solved_n, solved_r)):  # bad meshes: after the pass
-        text = check(grids)
-        if text:
-            warnings.warn(text, FallbackWarning, stacklevel=3)
+    if rin is None:
+        N, R, rms_n, rms_r, bad, b32n, b32r, solved_n, solved_r = dask.persist(
+            N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc),
+            bkg_n[::32, ::32], bkg_r[::32, ::32], solved_n, solved_r)
+        for check, grids in zip((check_n, check_r), dask.compute(solved_n, solved_r)):  # bad meshes: after the pass
+            text = check(grids)
+            if text:
+                warnings.warn(text, FallbackWarning, stacklevel=3)
     if gain_n is None or gain_r is None:
         est = {}
-        s32 = dict(zip(("bn", "rn", "br", "rr"), dask.compute(b32n, rms_n[::32, ::32], b32r, rms_r[::32, ::32])))
+        if rin is None:
+            s32 = dict(zip(("bn", "rn", "br", "rr"), dask.compute(b32n, rms_n[::32, ::32], b32r, rms_r[::32, ::32])))
+        else:
+            s32 = {k: np.concatenate([c["s32"][i] for c in core_stats]) for i, k in enumerate(("bn", "rn", "br", "rr"))}
         for key, g, b_, r_ in (("new", gain_n, s32["bn"], s32["rn"]), ("ref", gain_r, s32["br"], s32["rr"])):
             if g is None:
                 sky, rms = float(np.nanmedian(np.asarray(b_))), float(np.nanmedian(np.asarray(r_)))
@@ -1033,13 +1073,18 @@ def zogy_subtract(
         )
         gain_n = est.get("new", gain_n) if gain_n is None else gain_n
         gain_r = est.get("ref", gain_r) if gain_r is None else gain_r
-    VN = _user_var(new_var, new, shape, gc, "new_var")
-    if VN is None:
-        VN = nz.variance_map(N, rms_n, gain_n)
-    VR = _user_var(ref_var, ref, shape, gc, "ref_var")
-    if VR is None:
-        VR = nz.variance_map(R, rms_r, gain_r)
-    VN, VR = dask.persist(VN.rechunk(gc), VR.rechunk(gc))
+    if rin is None:
+        VN = _user_var(new_var, new, shape, gc, "new_var")
+        if VN is None:
+            VN = nz.variance_map(N, rms_n, gain_n)
+        VR = _user_var(ref_var, ref, shape, gc, "ref_var")
+        if VR is None:
+            VR = nz.variance_map(R, rms_r, gain_r)
+        VN, VR = dask.persist(VN.rechunk(gc), VR.rechunk(gc))
+    else:
+        rVN = Region(_var_region, {"img": rN, "rms": rrms_n, "gain": gain_n})
+        rVR = Region(_var_region, {"img": rR, "rms": rrms_r, "gain": gain_r})
+        VN = VR = bad = None
 
     _tick("persist")
     # ------------- map: stars of every tile + per-tile noise, in one compute
@@ -1048,24 +1093,36 @@ def zogy_subtract(
     r_ap = float(np.clip(2.0 * max(fwhm_n, fwhm_r), 4.0, half - 1))
     star_grid = TileGrid(shape, nx=nx, ny=ny, overlap=tuple(max(o, half + 2) if n > 1 else 0 for o, n in zip(ov, (ny, nx))))
     step = max(1, int(np.sqrt(h * w / 250_000)))
+    if rin is None:
+        sky64 = [_median_finite(np.asarray(b)[::2, ::2]) for b in (b32n, b32r)]
+    else:
+        sky64 = [_median_finite(np.concatenate([c["s64"][i] for c in core_stats])) for i in range(2)]
     star_kw = dict(
         fwhm_new=fwhm_n, fwhm_ref=fwhm_r, half=half, r_aper=r_ap,
-        saturation_new=None if sat_n is None else float(sat_n) - _median_finite(np.asarray(b32n)[::2, ::2]),
-        saturation_ref=None if sat_r is None else float(sat_r) - _median_finite(np.asarray(b32r)[::2, ::2]),
+        saturation_new=None if sat_n is None else float(sat_n) - sky64[0],
+        saturation_ref=None if sat_r is None else float(sat_r) - sky64[1],
     )
-    stok = dask.base.tokenize(star_grid.overlap, star_kw, N, R, VN, VR, bad, rms_n, rms_r)
-    sname = f"zogy-stars-{stok}"
-    dsk: dict[Any, Any] = {}
-    for t, refs in zip(star_grid.tiles, _tile_chunk_keys([N, R, VN, VR, bad], star_grid)):
-        dsk[(sname, t.index)] = (apply, _stars_task, [star_grid, t.index, star_kw, refs], {})
-    for k, a in enumerate((rms_n, rms_r)):  # per-tile noise: the median of the tile's rms
-        for t in grid.tiles:
-            dsk[(sname + "-noise", k, t.index)] = (_median_finite, (a.name, t.iy, t.ix))
-    dsk[sname] = (tuple, [[(sname, t.index) for t in star_grid.tiles],
-                          [(sname + "-noise", k, t.index) for k in range(2) for t in grid.tiles]])
-    sgraph = HighLevelGraph.from_collections(sname, dsk, dependencies=[N, R, VN, VR, bad, rms_n, rms_r])
-    (tables, noises), samp_n, samp_r = dask.compute(Delayed(sname, sgraph), rms_n[::step, ::step],
-                                                    rms_r[::step, ::step])
+    if rin is None:
+        stok = dask.base.tokenize(star_grid.overlap, star_kw, N, R, VN, VR, bad, rms_n, rms_r)
+        sname = f"zogy-stars-{stok}"
+        dsk: dict[Any, Any] = {}
+        for t, refs in zip(star_grid.tiles, _tile_chunk_keys([N, R, VN, VR, bad], star_grid)):
+            dsk[(sname, t.index)] = (apply, _stars_task, [star_grid, t.index, star_kw, refs], {})
+        for k, a in enumerate((rms_n, rms_r)):  # per-tile noise: the median of the tile's rms
+            for t in grid.tiles:
+                dsk[(sname + "-noise", k, t.index)] = (_median_finite, (a.name, t.iy, t.ix))
+        dsk[sname] = (tuple, [[(sname, t.index) for t in star_grid.tiles],
+                              [(sname + "-noise", k, t.index) for k in range(2) for t in grid.tiles]])
+        sgraph = HighLevelGraph.from_collections(sname, dsk, dependencies=[N, R, VN, VR, bad, rms_n, rms_r])
+        (tables, noises), samp_n, samp_r = dask.compute(Delayed(sname, sgraph), rms_n[::step, ::step],
+                                                        rms_r[::step, ::step])
+    else:
+        regions5 = [rN, rR, rVN, rVR, rbad]
+        tables, regions5 = map_windows(_stars_window, regions5, [_window(t.outer) for t in star_grid.tiles],
+                                       [{"index": t.index} for t in star_grid.tiles], grid=star_grid, kw=star_kw)
+        noises = [c["noise"][0] for c in core_stats] + [c["noise"][1] for c in core_stats]
+        samp_n = np.concatenate([c["samp"][0] for c in core_stats])
+        samp_r = np.concatenate([c["samp"][1] for c in core_stats])
     stars = merge_tables(tables)
     rn_tiles = [float(v) for v in noises[:grid.ntiles]]
     rr_tiles = [float(v) for v in noises[grid.ntiles:]]
@@ -1161,7 +1218,8 @@ def zogy_subtract(
             fe = lim
     pad = support
     fcorr = bool(flux_correction and not _is_constant(f_new, shape))
-    outs = _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, fe, pad, params, f_new if fcorr else None, fcorr)
+    outs = _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, fe, pad, params, f_new if fcorr else None, fcorr,
+                regions=None if rin is None else regions5)
     _tick("graph")
     pds = np.stack([psf_d_stamp(pn, pr, scale=scale_v, sigma_new=sigma_n, sigma_ref=sigma_r, shift=(sx, sy),
                                 shift_on=shift_on)
@@ -1214,10 +1272,11 @@ def zogy_subtract(
     # persisted futures to the scheduler, but xarray's compute (res.compute(), res["diff"].values) optimises
     # them out of the graph: without another reference, a distributed cluster would release the inputs
     # as soon as this function returns ("lost dependencies").  Each output array holds them.
-    keep = (N, R, VN, VR, bad)
-    for _, v in data.values():
-        if isinstance(v, da.Array):
-            v._tilepipe_inputs = keep
+    if rin is None:
+        keep = (N, R, VN, VR, bad)
+        for _, v in data.values():
+            if isinstance(v, da.Array):
+                v._tilepipe_inputs = keep
     res = xr.Dataset(data, coords=coords, attrs=attrs)
     # carry the inputs for cutouts (lazy, no cost unless used)
     res["new"] = (("y", "x"), N)
@@ -1360,28 +1419,121 @@ def _tile_chunk_keys(arrays: list[da.Array], grid: TileGrid) -> list[list[list[A
     return [[[(a.name, iy, ix) for a in arrays] for iy, ix in _neighbour_chunks(grid, t.index)] for t in grid.tiles]
 
 
+# ------------------------------------------------------------------ regions
+#: Whether :func:`zogy_subtract` reads each tile's box straight from the files when both images (and
+#: masks) can be read by rectangle (FITS files opened lazily) and the variances are the default ones.
+#: Set to False to force the chunk path (tests compare the two).
+_USE_REGIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("tilepipe_zogy_regions", default=True)
+
+
+def _sub_region(ys: slice, xs: slice, *, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a - b`` as float32 (the background-subtracted image of the chunk path, on any rectangle)."""
+    return (a - b).astype(np.float32, copy=False)
+
+
+def _pair_bad_region(ys: slice, xs: slice, *, mn: np.ndarray, mr: np.ndarray, a: np.ndarray,
+                     b: np.ndarray) -> np.ndarray:
+    """Bad in either image: either mask, or a non-finite pixel in either image."""
+    return mn | mr | ~np.isfinite(a) | ~np.isfinite(b)
+
+
+def _var_region(ys: slice, xs: slice, *, img: np.ndarray, rms: np.ndarray, gain: float | None) -> np.ndarray:
+    """:func:`tilepipe.subtract.noise.variance_map` on any rectangle."""
+    return nz._variance_block(img, rms, gain)
+
+
+def _pair_regions(new: xr.Dataset, ref: xr.Dataset, new_var: Any, ref_var: Any) -> dict[str, Region] | None:
+    """The file regions of both images and masks, or None when any input cannot be read by rectangle."""
+    if new_var is not None or ref_var is not None:
+        return None
+    out = {k: region_of(ds[v]) for k, ds, v in (("img_n", new, "image"), ("mask_n", new, "mask"),
+                                                  ("img_r", ref, "image"), ("mask_r", ref, "mask"))}
+    return None if any(r is None for r in out.values()) else out
+
+
+def _strided(a: np.ndarray, window: tuple[int, int, int, int], step: int) -> np.ndarray:
+    """The pixels of the box ``a`` (global ``window``) whose global row and column are multiples of ``step``:
+    over all tiles, the values of ``full[::step, ::step]``."""
+    return np.asarray(a[(-window[0]) % step::step, (-window[2]) % step::step]).ravel()
+
+
+def _core_stats(bad: np.ndarray, bn: np.ndarray, rn: np.ndarray, br: np.ndarray, rr: np.ndarray, *,
+                window: tuple[int, int, int, int], step: int) -> dict[str, Any]:
+    """Per tile core (region path): good fraction, noise medians and the strided samples of the maps."""
+    return {
+        "good": _good_fraction(bad),
+        "noise": (_median_finite(rn), _median_finite(rr)),
+        "samp": (_strided(rn, window, step), _strided(rr, window, step)),
+        "s32": tuple(_strided(a, window, 32) for a in (bn, rn, br, rr)),
+        "s64": (_strided(bn, window, 64), _strided(br, window, 64)),
+    }
+
+
+def _stars_window(n, r, vn, vr, bad, *, window, grid, index, kw):
+    """:func:`_stars_task` on a star tile's outer box read straight from the files."""
+    return _tile_table(nz.measure_pair_stars, grid, index, kw, "x", "y", n, r, vn, vr, bad)
+
+
+def _zogy_region_tile(regions: list[Region], grid: TileGrid, index: int, **kw: Any) -> np.ndarray:
+    """:func:`_zogy_tile` on tile ``index``, its outer box computed straight from the files."""
+    t = grid.tile(index)
+    blocks = evaluate_regions(regions, *t.outer)
+    return _zogy_tile(*blocks, tile=t, tgrid=grid, **kw)
+
+
+def _region_chunk(regions: list[Region], ys: slice, xs: slice) -> np.ndarray:
+    return evaluate_regions(regions, ys, xs)[0]
+
+
+def _region_array(region: Region, grid: TileGrid, dtype: Any, label: str) -> da.Array:
+    """A dask array (chunks: the tile cores) whose chunks are computed from ``region``."""
+    name = f"{label}-{uuid.uuid4().hex}"
+    spec = name + "-region"
+    dsk: dict[Any, Any] = {spec: (list, [region])}
+    for t in grid.tiles:
+        dsk[(name, t.iy, t.ix)] = (_region_chunk, spec, t.core[0], t.core[1])
+    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=[]), name, chunks=grid.chunks,
+                    dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+
+
+def _window(sl: tuple[slice, slice]) -> tuple[int, int, int, int]:
+    return (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
+
+
 def _stars_task(grid, index, kw, parts):
     blocks = _outer_blocks(grid, index, parts)
     return _tile_table(nz.measure_pair_stars, grid, index, kw, "x", "y", *blocks)
 
 
-def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_new, flux_correction):
+def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_new, flux_correction,
+         regions=None):
     """The ZOGY map: one computation per tile, stitched (feather 0) or blended (feather > 0).
 
-    One task per tile reads its neighbours' core chunks and computes ZOGY on
-    its outer box once.  Without feathering its core is the output chunk;
-    with feathering each output core is the weighted sum of the (up to 9)
-    blend regions that cover it (:func:`_assemble_core`).  No task holds the
-    whole image (unless there is one tile).
+    One task per tile reads its neighbours' core chunks (or, with
+    ``regions``, computes its outer box straight from the files) and
+    computes ZOGY on its outer box once.  Without feathering its core is the
+    output chunk; with feathering each output core is the weighted sum of
+    the (up to 9) blend regions that cover it (:func:`_assemble_core`).  No
+    task holds the whole image (unless there is one tile).
     """
     kw = dict(psfs_new=psfs_new, psfs_ref=psfs_ref, feather=feather, pad=pad, params=params, f_new=f_new,
               flux_correction=flux_correction)
-    tok = dask.base.tokenize(grid.shape, grid.chunks, grid.overlap, psfs_new, psfs_ref, feather, pad, params,
-                             flux_correction, N, R, VN, VR, bad)
-    tname, aname = f"zogy-tile-{tok}", f"zogy-{tok}"
     dsk: dict[Any, Any] = {}
-    for t, refs in zip(grid.tiles, _tile_chunk_keys([N, R, VN, VR, bad], grid)):
-        dsk[(tname, t.index)] = (apply, _zogy_tile_delayed, [refs, grid, t.index], kw)
+    if regions is None:
+        tok = dask.base.tokenize(grid.shape, grid.chunks, grid.overlap, psfs_new, psfs_ref, feather, pad, params,
+                                 flux_correction, N, R, VN, VR, bad)
+        tname, aname = f"zogy-tile-{tok}", f"zogy-{tok}"
+        for t, refs in zip(grid.tiles, _tile_chunk_keys([N, R, VN, VR, bad], grid)):
+            dsk[(tname, t.index)] = (apply, _zogy_tile_delayed, [refs, grid, t.index], kw)
+        deps = [N, R, VN, VR, bad]
+    else:  # every tile task reads its own box: no task depends on another before the blend
+        tok = uuid.uuid4().hex
+        tname, aname = f"zogy-tile-{tok}", f"zogy-{tok}"
+        spec = f"zogy-regions-{tok}"
+        dsk[spec] = (list, list(regions))
+        for t in grid.tiles:
+            dsk[(tname, t.index)] = (apply, _zogy_region_tile, [spec, grid, t.index], kw)
+        deps = []
     for t in grid.tiles:
         if feather > 0:  # the output core: the weighted sum of the blend regions that cover it
             parts = []
@@ -1395,7 +1547,7 @@ def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_ne
             dsk[(aname, 0, t.iy, t.ix)] = (_assemble_core, grid, t.index, feather, *parts)
         else:
             dsk[(aname, 0, t.iy, t.ix)] = (tname, t.index)
-    graph = HighLevelGraph.from_collections(aname, dsk, dependencies=[N, R, VN, VR, bad])
+    graph = HighLevelGraph.from_collections(aname, dsk, dependencies=deps)
     stacked = da.Array(graph, aname, chunks=((6,),) + tuple(grid.chunks), dtype=np.float32,
                        meta=np.empty((0, 0, 0), np.float32))
     return tuple(stacked[i] for i in range(6))
