@@ -183,13 +183,16 @@ def test_tiles_read_from_files_estimate_the_gain_and_reject_dead_tiles(fits_pair
 
 @pytest.mark.cluster
 def test_tiles_read_from_files_on_local_cluster(fits_pair, client):
-    """The region path on 2 worker processes equals the same run in one process."""
+    """On a cluster the region path is the default (in one process the chunk path is); on 2 worker
+    processes it equals the same path run in one process."""
     import dask
 
     p, d = fits_pair
     kw = dict(nx=3, new_psf=true_psf(p.new), ref_psf=true_psf(p.ref))
-    on_cluster = _zogy_on_files(d, True, **kw)[1]
+    lazy, on_cluster = _zogy_on_files(d, None, **kw)  # the default
+    assert not hasattr(lazy["diff"].data, "_tilepipe_inputs")
     with dask.config.set(scheduler="synchronous"):
+        assert hasattr(_zogy_on_files(d, None, **kw)[0]["diff"].data, "_tilepipe_inputs")
         local = _zogy_on_files(d, True, **kw)[1]
     assert np.array_equal(local["mask"].values, on_cluster["mask"].values)
     noise = {"scorr": 1.0, "diff": local.attrs["diff_noise"], "fpsf": float(np.nanmedian(local["fpsf_err"].values))}

@@ -334,6 +334,17 @@ def make_grid(
     return TileGrid(shape, nx=nx, ny=ny, overlap=overlap, align=align)
 
 
+def uses_distributed() -> bool:
+    """Whether dask computes on a distributed cluster (the current ``distributed.Client`` is the scheduler)."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return False
+    return dask.base.get_scheduler() == client.get  # not e.g. scheduler="synchronous" set inside a client context
+
+
 def several_workers() -> bool:
     """Whether dask computes on a distributed cluster of more than one worker.
 
@@ -343,16 +354,12 @@ def several_workers() -> bool:
     one process or one worker, where nothing travels, a tile task takes the
     neighbouring chunks themselves (each scheduled task costs a few ms).
     """
-    try:
-        from distributed import default_client
+    if not uses_distributed():
+        return False
+    from distributed import default_client
 
-        client = default_client()
-    except (ImportError, ValueError):
-        return False
-    if dask.base.get_scheduler() != client.get:  # e.g. scheduler="synchronous" set inside a client context
-        return False
     try:
-        return len(client.scheduler_info().get("workers", {})) > 1
+        return len(default_client().scheduler_info().get("workers", {})) > 1
     except Exception:  # noqa: BLE001 - a client that cannot answer: assume the general case
         return True
 

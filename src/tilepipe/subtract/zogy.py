@@ -76,7 +76,8 @@ from scipy import ndimage
 from .._validate import as_pair, check_choice, check_int, check_positive
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
-from ..tiling import Region, TileGrid, _tile_table, evaluate_regions, map_windows, merge_tables, region_of
+from ..tiling import (Region, TileGrid, _tile_table, evaluate_regions, map_windows, merge_tables, region_of,
+                      uses_distributed)
 from . import noise as nz
 
 log = logging.getLogger(__name__)
@@ -941,9 +942,9 @@ def zogy_subtract(
     nx = check_int("nx", nx, lower=1)
     ny = nx if ny is None else check_int("ny", ny, lower=1)
     _tick = _phase_timer()
-    # FITS files opened lazily: every task reads its own box from the files (no input chunk travels
-    # between workers, nothing is persisted); otherwise the inputs are read once and persisted
-    rin = _pair_regions(new, ref, new_var, ref_var) if _USE_REGIONS.get() else None
+    # FITS files opened lazily, on a cluster: every task reads its own box from the files (no input chunk
+    # travels between workers, nothing is persisted); otherwise the inputs are read once and persisted
+    rin = _pair_regions(new, ref, new_var, ref_var) if _use_regions() else None
     pre_grid = TileGrid(shape, nx=nx, ny=ny)
     if rin is None:
         img_n = new["image"].data
@@ -1421,9 +1422,17 @@ def _tile_chunk_keys(arrays: list[da.Array], grid: TileGrid) -> list[list[list[A
 
 # ------------------------------------------------------------------ regions
 #: Whether :func:`zogy_subtract` reads each tile's box straight from the files when both images (and
-#: masks) can be read by rectangle (FITS files opened lazily) and the variances are the default ones.
-#: Set to False to force the chunk path (tests compare the two).
-_USE_REGIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("tilepipe_zogy_regions", default=True)
+#: masks) can be read by rectangle (FITS files opened lazily) and the variances are the default ones:
+#: None (default) on a distributed cluster only, True always, False never (tests compare the paths).
+#: In one process the chunk path is used: it evaluates the background maps once per chunk, while each
+#: box task evaluates them again (BLAS products whose own thread pool, outside dask's workers, competed
+#: with the second thread of dask's threaded scheduler: 2 threads ran the 2k pair slower than 1).
+_USE_REGIONS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tilepipe_zogy_regions", default=None)
+
+
+def _use_regions() -> bool:
+    use = _USE_REGIONS.get()
+    return uses_distributed() if use is None else bool(use)
 
 
 def _sub_region(ys: slice, xs: slice, *, a: np.ndarray, b: np.ndarray) -> np.ndarray:
