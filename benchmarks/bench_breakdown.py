@@ -21,6 +21,7 @@ Two measurements that back the explanations next to the README's detection and Z
 Usage::
 
     python benchmarks/bench_breakdown.py [--detect-size 2048] [--calls 3] [--zogy-size 4096] [--skip-zogy]
+    python benchmarks/bench_breakdown.py --keep-heap   # the ZOGY worker runs with KEEP_HEAP's glibc settings
 """
 
 from __future__ import annotations
@@ -153,7 +154,20 @@ def _zogy_run(d, pn, pr) -> float:
         return time.perf_counter() - t0
 
 
-def zogy_child(size: int, workers: int) -> dict:
+#: ``--keep-heap``: glibc settings that keep freed memory in a worker's heap (no dynamic mmap threshold
+#: drop, no trimming): fewer fresh pages to fault in per task, at the price of a worker RSS that stays at
+#: its high-water mark (not what tilepipe.cluster.WORKER_ENVIRON sets; measured here for comparison)
+KEEP_HEAP = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in
+             (("MALLOC_MMAP_THRESHOLD_", 33554432), ("MALLOC_TRIM_THRESHOLD_", 4294967296),
+              ("MALLOC_TOP_PAD_", 67108864))}
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(float(ln.split()[1]) / 1024 for ln in fh if ln.startswith("VmHWM:"))
+
+
+def zogy_child(size: int, workers: int, keep_heap: bool = False) -> dict:
     """One fresh-process ZOGY run: ``workers`` = 0 for one thread of this process."""
     import importlib
 
@@ -182,7 +196,7 @@ def zogy_child(size: int, workers: int) -> dict:
 
     from tilepipe.cluster import WORKER_ENVIRON
 
-    dask.config.set(WORKER_ENVIRON)
+    dask.config.set({**WORKER_ENVIRON, **(KEEP_HEAP if keep_heap else {})})
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=50) as cluster, Client(cluster) as client:
         client.run(warm)
@@ -190,6 +204,7 @@ def zogy_child(size: int, workers: int) -> dict:
         with get_task_stream(client) as ts:
             wall = _zogy_run(d, pn, pr)
         w1 = client.run(_rusage)
+        peak = max(client.run(_peak_rss_mb).values())
     comp: dict[str, float] = collections.defaultdict(float)
     xfer: dict[str, float] = collections.defaultdict(float)
     for t in ts.data:
@@ -197,14 +212,17 @@ def zogy_child(size: int, workers: int) -> dict:
             (comp if s["action"] == "compute" else xfer)[key_split(t["key"])] += s["stop"] - s["start"]
     return {"wall": wall, "compute": dict(comp), "transfer": dict(xfer),
             "faults": sum(w1[k][0] - w0[k][0] for k in w0), "user": sum(w1[k][1] - w0[k][1] for k in w0),
-            "sys": sum(w1[k][2] - w0[k][2] for k in w0)}
+            "sys": sum(w1[k][2] - w0[k][2] for k in w0), "peak_mb": peak}
 
 
-def zogy_tasks(size: int) -> None:
+def zogy_tasks(size: int, keep_heap: bool = False) -> None:
     print(f"\nZOGY tasks, {size}² pair, nx=4, each configuration in a fresh process (seconds summed over tasks)\n")
-    for workers in (0, 1, 2):
-        p = subprocess.run([sys.executable, __file__, "--zogy-child", str(workers), "--zogy-size", str(size)],
-                           capture_output=True, text=True)
+    if keep_heap:
+        print("workers started with --keep-heap's glibc settings: " + ", ".join(
+            f"{k.rsplit('.', 1)[1]}={v}" for k, v in KEEP_HEAP.items()) + "\n")
+    for workers in ((1, 2) if keep_heap else (0, 1, 2)):
+        p = subprocess.run([sys.executable, __file__, "--zogy-child", str(workers), "--zogy-size", str(size)]
+                           + (["--keep-heap"] if keep_heap else []), capture_output=True, text=True)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
             print(f"workers={workers}: failed\n{p.stderr[-2000:]}")
@@ -213,7 +231,8 @@ def zogy_tasks(size: int) -> None:
         what = "one thread of the client process" if workers == 0 else f"{workers} worker process(es)"
         print(f"**{what}**: wall {r['wall']:.2f} s; compute summed {sum(r['compute'].values()):.2f} s; "
               f"transfer summed {sum(r['transfer'].values()):.2f} s; minor page faults {r['faults']}, "
-              f"user {r['user']:.2f} s, system {r['sys']:.2f} s ({'process' if workers == 0 else 'workers'})\n")
+              f"user {r['user']:.2f} s, system {r['sys']:.2f} s ({'process' if workers == 0 else 'workers'})"
+              + (f", largest worker peak RSS {r['peak_mb']:.0f} MB" if workers else "") + "\n")
         print("| task | compute | transfer |\n|---|---|---|")
         keys = sorted(set(r["compute"]) | set(r["transfer"]), key=lambda k: -r["compute"].get(k, 0.0))
         for k in keys[:12]:
@@ -227,14 +246,17 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--zogy-size", type=int, default=4096)
     ap.add_argument("--skip-zogy", action="store_true")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="ZOGY worker runs only, with glibc settings that keep freed memory in the heap (KEEP_HEAP)")
     ap.add_argument("--zogy-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.zogy_child is not None:
-        print("RESULT " + json.dumps(zogy_child(args.zogy_size, args.zogy_child)))
+        print("RESULT " + json.dumps(zogy_child(args.zogy_size, args.zogy_child, args.keep_heap)))
         return
-    detect_pieces(args.detect_size, args.calls)
+    if not args.keep_heap:
+        detect_pieces(args.detect_size, args.calls)
     if not args.skip_zogy:
-        zogy_tasks(args.zogy_size)
+        zogy_tasks(args.zogy_size, args.keep_heap)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,24 @@ def test_tile_evaluation_is_the_natural_bicubic_spline():
         np.testing.assert_allclose(got, truth[t.core], rtol=1e-6)
 
 
+def test_map_regions_evaluate_strided_samples():
+    """A region's slices may have a step (strided samples, as the default variance's sky sample reads the
+    file): the mesh and polynomial maps then give the full map's samples, not a wrong-shaped block."""
+    from tilepipe.background import _eval_mesh_region, _eval_poly_region, _spline_matrix
+
+    rng = np.random.default_rng(5)
+    nodes = rng.normal(100.0, 3.0, (6, 7))
+    kw = dict(nodes=nodes, mesh=(16, 20), Ky=_spline_matrix(6), Kx=_spline_matrix(7))
+    full = _eval_mesh_region(slice(0, 96), slice(0, 140), **kw)
+    got = _eval_mesh_region(slice(3, 96, 7), slice(0, 140, 5), **kw)
+    assert got.shape == full[3::7, ::5].shape
+    np.testing.assert_allclose(got, full[3::7, ::5], rtol=1e-6)
+    coef = rng.normal(0.0, 1.0, (3, 3))
+    full = _eval_poly_region(slice(0, 96), slice(0, 140), coef=coef, shape=(96, 140))
+    got = _eval_poly_region(slice(0, 96, 32), slice(1, 140, 9), coef=coef, shape=(96, 140))
+    np.testing.assert_allclose(got, full[::32, 1::9], rtol=1e-6)
+
+
 def test_matches_sep_background(field):
     """sep.Background on the same pixels and mask: background within 0.05 x rms (median 0.01), rms within 2 %."""
     ds = field.image

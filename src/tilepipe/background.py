@@ -61,7 +61,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from ._validate import as_pair, check_choice, check_int, check_positive
 from .exceptions import FallbackWarning
-from .tiling import Region, Tile, TileGrid, map_tiles, register_region
+from .tiling import Region, Tile, TileGrid, map_tiles, pixels, register_region
 
 __all__ = ["estimate_background", "subtract_background", "mesh_statistics"]
 
@@ -350,9 +350,10 @@ def _eval_mesh_tile(block: np.ndarray, *, tile: Tile, nodes: np.ndarray, mesh: t
 
 def _eval_mesh_region(ys: slice, xs: slice, *, nodes: np.ndarray, mesh: tuple[int, int],
                       Ky: np.ndarray, Kx: np.ndarray) -> np.ndarray:
-    """:func:`_eval_mesh_tile` on any rectangle ``[ys, xs]`` (a :class:`~tilepipe.tiling.Region`)."""
-    ry, Py, Qy = _spline_local(np.arange(ys.start, ys.stop), mesh[0], nodes.shape[0])
-    rx, Px, Qx = _spline_local(np.arange(xs.start, xs.stop), mesh[1], nodes.shape[1])
+    """:func:`_eval_mesh_tile` on any rectangle ``[ys, xs]`` (a :class:`~tilepipe.tiling.Region`; the
+    slices may have a step: the strided samples of the map)."""
+    ry, Py, Qy = _spline_local(pixels(ys), mesh[0], nodes.shape[0])
+    rx, Px, Qx = _spline_local(pixels(xs), mesh[1], nodes.shape[1])
     G = nodes
     GY = Ky[ry] @ nodes  # second derivatives along y at the rows used
     Z = np.block([[G[ry, rx], (G[ry] @ Kx[rx].T)], [GY[:, rx], GY @ Kx[rx].T]])
@@ -377,8 +378,8 @@ def _legendre(pix: np.ndarray, size: int, order: int) -> np.ndarray:
 
 def _poly_eval(coef: np.ndarray, ys: slice, xs: slice, shape: tuple[int, int]) -> np.ndarray:
     order = coef.shape[0] - 1
-    Ly = _legendre(np.arange(ys.start, ys.stop), shape[0], order)
-    Lx = _legendre(np.arange(xs.start, xs.stop), shape[1], order)
+    Ly = _legendre(pixels(ys), shape[0], order)
+    Lx = _legendre(pixels(xs), shape[1], order)
     return (Ly @ coef) @ Lx.T
 
 

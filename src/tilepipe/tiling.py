@@ -373,7 +373,9 @@ def several_workers() -> bool:
 class Region:
     """How to compute any rectangle of a 2-D array directly from its sources.
 
-    ``func(ys, xs, **kwargs)`` returns the pixels ``[ys, xs]`` (global slices).
+    ``func(ys, xs, **kwargs)`` returns the pixels ``[ys, xs]`` (global slices,
+    possibly with a step: a strided sample; :func:`pixels` gives their
+    coordinates).
     A ``kwargs`` value that is itself a :class:`Region` is evaluated on the
     same rectangle first (once per evaluation, however often it is used); a
     small :class:`dask.array.Array` value (a global statistic) is computed
@@ -491,6 +493,32 @@ def evaluate_regions(regions: Sequence[Region], ys: slice, xs: slice) -> list[np
     """
     memo: dict[int, np.ndarray] = {}
     return [_evaluate(r, ys, xs, memo) for r in regions]
+
+
+def pixels(sl: slice) -> np.ndarray:
+    """The global pixel coordinates a region's slice ``sl`` (start, stop, optional step) stands for."""
+    return np.arange(sl.start, sl.stop, sl.step or 1)
+
+
+def _region_chunk(regions: list[Region], ys: slice, xs: slice) -> np.ndarray:
+    return evaluate_regions(regions, ys, xs)[0]
+
+
+def region_array(region: Region, grid: TileGrid, dtype: Any, label: str) -> da.Array:
+    """A lazy dask array chunked on ``grid``'s tile cores, each chunk computed from ``region`` (and registered
+    with it): for outputs that expose an intermediate image without persisting it."""
+    import uuid
+
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"{label}-{uuid.uuid4().hex}"
+    spec = name + "-region"
+    dsk: dict[Any, Any] = {spec: (list, [region])}  # one copy of the recipe per worker, not one per chunk
+    for t in grid.tiles:
+        dsk[(name, t.iy, t.ix)] = (_region_chunk, spec, t.core[0], t.core[1])
+    arr = da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=[]), name, chunks=grid.chunks,
+                   dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+    return register_region(arr, region)
 
 
 def _window_task(func: Callable[..., Any], regions: list[Region], window: tuple[int, int, int, int],

@@ -76,8 +76,8 @@ from scipy import ndimage
 from .._validate import as_pair, check_choice, check_int, check_positive
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
-from ..tiling import (Region, TileGrid, _tile_table, evaluate_regions, map_windows, merge_tables, region_of,
-                      uses_distributed)
+from ..tiling import (Region, TileGrid, _tile_table, bind_regions, evaluate_regions, fill_regions, map_windows,
+                      merge_tables, region_array, region_of, uses_distributed)
 from . import noise as nz
 
 log = logging.getLogger(__name__)
@@ -965,26 +965,26 @@ def zogy_subtract(
     (bkg_n, rms_n, solved_n, check_n), (bkg_r, rms_r, solved_r, check_r) = (
         _background(ds, mesh=mesh, nx=bnx, ny=bny) for ds in (new, ref))
     if rin is not None:
-        # one pass: mesh statistics, the mesh-grid solves, then per tile core the good fraction, the
-        # noise medians and the strided samples of the maps (the tiles' boxes are read later, by each task)
+        # one pass: mesh statistics, the mesh-grid solves, then per tile core the good-pixel fraction and the
+        # noise medians (the tiles' boxes are read later, by each task)
         rbad = Region(_pair_bad_region, {"mn": rin["mask_n"], "mr": rin["mask_r"], "a": rin["img_n"],
                                          "b": rin["img_r"]})
-        step = max(1, int(np.sqrt(h * w / 250_000)))
-        core_stats, filled = map_windows(_core_stats, [rbad] + [region_of(a) for a in (bkg_n, rms_n, bkg_r, rms_r)],
-                                         [_window(t.core) for t in pre_grid.tiles], step=step)
-        _, rbkg_n, rrms_n, rbkg_r, rrms_r = filled  # rbad as built: it shares the file regions with rN, rR
-        _check_fracs([c["good"] for c in core_stats], nx, ny)
-        for check, r_ in ((check_n, rrms_n), (check_r, rrms_r)):
-            text = check(r_.kwargs["solved"])
-            if text:
-                warnings.warn(text, FallbackWarning, stacklevel=3)
+        core_stats, filled = map_windows(_core_stats, [rbad, region_of(rms_n), region_of(rms_r)],
+                                         [_window(t.core) for t in pre_grid.tiles])
+        _, rrms_n, rrms_r = filled  # rbad as built: it shares the file regions with rN, rR
+        solved = [rrms_n.kwargs["solved"], rrms_r.kwargs["solved"]]  # computed in that pass
+        templates, lazy = bind_regions([region_of(bkg_n), region_of(bkg_r)])  # the same solved grids
+        grids = {solved_n.name: solved[0], solved_r.name: solved[1]}
+        rbkg_n, rbkg_r = fill_regions(templates, [grids[a.name] for a in lazy])
+        _check_fracs([c[0] for c in core_stats], nx, ny)
+        noises = [c[1] for c in core_stats] + [c[2] for c in core_stats]
         if subtract_background:
             rN = Region(_sub_region, {"a": rin["img_n"], "b": rbkg_n})
             rR = Region(_sub_region, {"a": rin["img_r"], "b": rbkg_r})
         else:
             rN, rR = rin["img_n"], rin["img_r"]
-        N = _region_array(rN, pre_grid, np.float32, "zogy-new")
-        R = _region_array(rR, pre_grid, np.float32, "zogy-ref")
+        N = region_array(rN, pre_grid, np.float32, "zogy-new")
+        R = region_array(rR, pre_grid, np.float32, "zogy-ref")
         bmeth = "estimate_background" if subtract_background else "none (rms from estimate_background)"
     elif subtract_background:
         N = (img_n - bkg_n.rechunk(img_n.chunks)).astype(np.float32)
@@ -1046,20 +1046,18 @@ def zogy_subtract(
     # ------------------- one pass over the pixels: inputs persisted in tile chunks
     gc = grid.chunks
     if rin is None:
-        N, R, rms_n, rms_r, bad, b32n, b32r, solved_n, solved_r = dask.persist(
-            N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc),
-            bkg_n[::32, ::32], bkg_r[::32, ::32], solved_n, solved_r)
-        for check, grids in zip((check_n, check_r), dask.compute(solved_n, solved_r)):  # bad meshes: after the pass
-            text = check(grids)
-            if text:
-                warnings.warn(text, FallbackWarning, stacklevel=3)
+        N, R, rms_n, rms_r, bad, solved_n, solved_r = dask.persist(
+            N.rechunk(gc), R.rechunk(gc), rms_n.rechunk(gc), rms_r.rechunk(gc), bad.rechunk(gc), solved_n, solved_r)
+        solved = list(dask.compute(solved_n, solved_r))
+    for check, grids in zip((check_n, check_r), solved):  # bad meshes: after the first pass
+        text = check(grids)
+        if text:
+            warnings.warn(text, FallbackWarning, stacklevel=3)
+    step = max(1, int(np.sqrt(h * w / 250_000)))
+    samples = _map_samples(solved, _mesh_px(mesh, shape), shape, step)
     if gain_n is None or gain_r is None:
         est = {}
-        if rin is None:
-            s32 = dict(zip(("bn", "rn", "br", "rr"), dask.compute(b32n, rms_n[::32, ::32], b32r, rms_r[::32, ::32])))
-        else:
-            s32 = {k: np.concatenate([c["s32"][i] for c in core_stats]) for i, k in enumerate(("bn", "rn", "br", "rr"))}
-        for key, g, b_, r_ in (("new", gain_n, s32["bn"], s32["rn"]), ("ref", gain_r, s32["br"], s32["rr"])):
+        for key, g, b_, r_ in zip(("new", "ref"), (gain_n, gain_r), samples["bkg32"], samples["rms32"]):
             if g is None:
                 sky, rms = float(np.nanmedian(np.asarray(b_))), float(np.nanmedian(np.asarray(r_)))
                 est[key] = sky / rms**2 if sky > 3 * rms and rms > 0 else None
@@ -1093,11 +1091,7 @@ def zogy_subtract(
     sat_r = ref.attrs.get("saturation")
     r_ap = float(np.clip(2.0 * max(fwhm_n, fwhm_r), 4.0, half - 1))
     star_grid = TileGrid(shape, nx=nx, ny=ny, overlap=tuple(max(o, half + 2) if n > 1 else 0 for o, n in zip(ov, (ny, nx))))
-    step = max(1, int(np.sqrt(h * w / 250_000)))
-    if rin is None:
-        sky64 = [_median_finite(np.asarray(b)[::2, ::2]) for b in (b32n, b32r)]
-    else:
-        sky64 = [_median_finite(np.concatenate([c["s64"][i] for c in core_stats])) for i in range(2)]
+    sky64 = [_median_finite(b) for b in samples["bkg64"]]
     star_kw = dict(
         fwhm_new=fwhm_n, fwhm_ref=fwhm_r, half=half, r_aper=r_ap,
         saturation_new=None if sat_n is None else float(sat_n) - sky64[0],
@@ -1115,20 +1109,15 @@ def zogy_subtract(
         dsk[sname] = (tuple, [[(sname, t.index) for t in star_grid.tiles],
                               [(sname + "-noise", k, t.index) for k in range(2) for t in grid.tiles]])
         sgraph = HighLevelGraph.from_collections(sname, dsk, dependencies=[N, R, VN, VR, bad, rms_n, rms_r])
-        (tables, noises), samp_n, samp_r = dask.compute(Delayed(sname, sgraph), rms_n[::step, ::step],
-                                                        rms_r[::step, ::step])
+        (tables, noises) = dask.compute(Delayed(sname, sgraph))[0]
     else:
         regions5 = [rN, rR, rVN, rVR, rbad]
         tables, regions5 = map_windows(_stars_window, regions5, [_window(t.outer) for t in star_grid.tiles],
                                        [{"index": t.index} for t in star_grid.tiles], grid=star_grid, kw=star_kw)
-        noises = [c["noise"][0] for c in core_stats] + [c["noise"][1] for c in core_stats]
-        samp_n = np.concatenate([c["samp"][0] for c in core_stats])
-        samp_r = np.concatenate([c["samp"][1] for c in core_stats])
     stars = merge_tables(tables)
     rn_tiles = [float(v) for v in noises[:grid.ntiles]]
     rr_tiles = [float(v) for v in noises[grid.ntiles:]]
-    sigma_n = _median_finite(samp_n)
-    sigma_r = _median_finite(samp_r)
+    sigma_n, sigma_r = (_median_finite(v) for v in samples["noise"])
     log.info("ZOGY: %d stars measured for the global fits", len(stars))
     _tick("stars")
     # ------------------------------------------------- reduce: PSF models
@@ -1323,11 +1312,16 @@ def _background(ds: xr.Dataset, *, mesh: int, nx: int, ny: int) -> tuple[da.Arra
     from ..background import mesh_background_lazy
 
     h, w = ds["image"].shape
-    my, mx = min(mesh, h), min(mesh, w)
+    my, mx = _mesh_px(mesh, (h, w))
     if (my, mx) != (mesh, mesh):
         warnings.warn(f"the image ({h} x {w} px) is smaller than one {mesh}-px background mesh; "
                       f"using a {my} x {mx} px mesh", FallbackWarning, stacklevel=4)
     return mesh_background_lazy(ds, (my, mx), nx=max(1, min(nx, w // (2 * mx))), ny=max(1, min(ny, h // (2 * my))))
+
+
+def _mesh_px(mesh: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """The background mesh (px) of an image of ``shape``: ``mesh``, cut to an image smaller than one mesh."""
+    return min(mesh, shape[0]), min(mesh, shape[1])
 
 
 def _user_var(var: Any, ds: xr.Dataset, shape: tuple[int, int], chunks: Any, name: str) -> da.Array | None:
@@ -1460,22 +1454,24 @@ def _pair_regions(new: xr.Dataset, ref: xr.Dataset, new_var: Any, ref_var: Any) 
     return None if any(r is None for r in out.values()) else out
 
 
-def _strided(a: np.ndarray, window: tuple[int, int, int, int], step: int) -> np.ndarray:
-    """The pixels of the box ``a`` (global ``window``) whose global row and column are multiples of ``step``:
-    over all tiles, the values of ``full[::step, ::step]``."""
-    return np.asarray(a[(-window[0]) % step::step, (-window[2]) % step::step]).ravel()
+def _core_stats(bad: np.ndarray, rn: np.ndarray, rr: np.ndarray, *, window: tuple[int, int, int, int]
+                ) -> tuple[float, float, float]:
+    """Per tile core (region path): the good-pixel fraction and the noise medians of new and ref."""
+    return _good_fraction(bad), _median_finite(rn), _median_finite(rr)
 
 
-def _core_stats(bad: np.ndarray, bn: np.ndarray, rn: np.ndarray, br: np.ndarray, rr: np.ndarray, *,
-                window: tuple[int, int, int, int], step: int) -> dict[str, Any]:
-    """Per tile core (region path): good fraction, noise medians and the strided samples of the maps."""
-    return {
-        "good": _good_fraction(bad),
-        "noise": (_median_finite(rn), _median_finite(rr)),
-        "samp": (_strided(rn, window, step), _strided(rr, window, step)),
-        "s32": tuple(_strided(a, window, 32) for a in (bn, rn, br, rr)),
-        "s64": (_strided(bn, window, 64), _strided(br, window, 64)),
-    }
+def _map_samples(solved: list[np.ndarray], mesh: tuple[int, int], shape: tuple[int, int],
+                 step: int) -> dict[str, list[np.ndarray]]:
+    """The strided samples of both images' background (plane 0) and rms (plane 1) maps, from their solved
+    mesh grids (small: evaluated on the strided pixels only): ``rms[::step, ::step]`` for the global noise,
+    ``background, rms [::32, ::32]`` for the effective gain, ``background[::64, ::64]`` for the saturation."""
+    from ..background import _eval_solved_region
+
+    def sample(g: np.ndarray, plane: int, k: int) -> np.ndarray:
+        return _eval_solved_region(slice(0, shape[0], k), slice(0, shape[1], k), solved=g, plane=plane, mesh=mesh)
+
+    return {"noise": [sample(g, 1, step) for g in solved], "bkg32": [sample(g, 0, 32) for g in solved],
+            "rms32": [sample(g, 1, 32) for g in solved], "bkg64": [sample(g, 0, 64) for g in solved]}
 
 
 def _stars_window(n, r, vn, vr, bad, *, window, grid, index, kw):
@@ -1488,21 +1484,6 @@ def _zogy_region_tile(regions: list[Region], grid: TileGrid, index: int, **kw: A
     t = grid.tile(index)
     blocks = evaluate_regions(regions, *t.outer)
     return _zogy_tile(*blocks, tile=t, tgrid=grid, **kw)
-
-
-def _region_chunk(regions: list[Region], ys: slice, xs: slice) -> np.ndarray:
-    return evaluate_regions(regions, ys, xs)[0]
-
-
-def _region_array(region: Region, grid: TileGrid, dtype: Any, label: str) -> da.Array:
-    """A dask array (chunks: the tile cores) whose chunks are computed from ``region``."""
-    name = f"{label}-{uuid.uuid4().hex}"
-    spec = name + "-region"
-    dsk: dict[Any, Any] = {spec: (list, [region])}
-    for t in grid.tiles:
-        dsk[(name, t.iy, t.ix)] = (_region_chunk, spec, t.core[0], t.core[1])
-    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=[]), name, chunks=grid.chunks,
-                    dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
 
 
 def _window(sl: tuple[slice, slice]) -> tuple[int, int, int, int]:
