@@ -16,12 +16,26 @@ Two measurements that back the explanations next to the README's detection and Z
    workers') minor page faults and user/system CPU.  The pair is read from
    FITS files, so every task reads its own box (``tilepipe-windows``: the
    per-core statistics, then the star measurements; ``zogy-tile``: the
-   tiles; ``zogy``: the feathered blend).
+   tiles; ``zogy``: the feathered blend).  For the worker runs, the
+   timeline: seconds during which 0, 1 or 2 tasks were computing, and the
+   seconds after the last task (the five outputs' trip to the client), and
+   the CPU time of the client process, which hosts the LocalCluster's
+   scheduler and receives the outputs (it shares the machine's cores with
+   the workers).
+3. **The machine's two-process ceiling** (``--ceiling``): the same ZOGY run
+   (``--zogy-size``, nx=4, one thread, outputs computed to numpy) in one fresh
+   process alone, then in two independent fresh processes started together
+   (each does the whole job: nothing is shared, nothing travels, no serial
+   part).  Throughput gain = 2 × (time alone) / (slower time of the pair):
+   what two processes can gain on this machine for this work, the upper
+   bound for "two workers ÷ one worker" on one job.  ``--repeat`` rounds,
+   alone and pair interleaved.
 
 Usage::
 
     python benchmarks/bench_breakdown.py [--detect-size 2048] [--calls 3] [--zogy-size 4096] [--skip-zogy]
     python benchmarks/bench_breakdown.py --keep-heap   # the ZOGY worker runs with KEEP_HEAP's glibc settings
+    python benchmarks/bench_breakdown.py --ceiling [--repeat 5]   # the two-process ceiling only
 """
 
 from __future__ import annotations
@@ -167,6 +181,18 @@ def _peak_rss_mb() -> float:
         return next(float(ln.split()[1]) / 1024 for ln in fh if ln.startswith("VmHWM:"))
 
 
+def _timeline(spans: list[tuple[float, float]], wall: float, step: float = 0.01) -> dict:
+    """Seconds of the run during which 0, 1, 2, ... tasks were computing (``spans``: task compute
+    intervals, seconds from the start), and the seconds after the last task ended (the outputs'
+    trip to the client)."""
+    grid = np.arange(0.0, wall, step)
+    running = np.zeros(grid.size, dtype=int)
+    for a, b in spans:
+        running[(grid >= a) & (grid < b)] += 1
+    counts = np.bincount(running)
+    return {"running": [float(c * step) for c in counts], "after_last_task": wall - max((b for _, b in spans), default=0.0)}
+
+
 def zogy_child(size: int, workers: int, keep_heap: bool = False) -> dict:
     """One fresh-process ZOGY run: ``workers`` = 0 for one thread of this process."""
     import importlib
@@ -202,15 +228,22 @@ def zogy_child(size: int, workers: int, keep_heap: bool = False) -> dict:
         client.run(warm)
         w0 = client.run(_rusage)
         with get_task_stream(client) as ts:
+            c0 = _rusage()
+            start = time.time()
             wall = _zogy_run(d, pn, pr)
+            c1 = _rusage()
         w1 = client.run(_rusage)
         peak = max(client.run(_peak_rss_mb).values())
     comp: dict[str, float] = collections.defaultdict(float)
     xfer: dict[str, float] = collections.defaultdict(float)
+    spans = []
     for t in ts.data:
         for s in t["startstops"]:
             (comp if s["action"] == "compute" else xfer)[key_split(t["key"])] += s["stop"] - s["start"]
-    return {"wall": wall, "compute": dict(comp), "transfer": dict(xfer),
+            if s["action"] == "compute":
+                spans.append((s["start"] - start, s["stop"] - start))
+    return {"wall": wall, "compute": dict(comp), "transfer": dict(xfer), "timeline": _timeline(spans, wall),
+            "client_cpu": (c1[1] - c0[1], c1[2] - c0[2]),
             "faults": sum(w1[k][0] - w0[k][0] for k in w0), "user": sum(w1[k][1] - w0[k][1] for k in w0),
             "sys": sum(w1[k][2] - w0[k][2] for k in w0), "peak_mb": peak}
 
@@ -233,11 +266,63 @@ def zogy_tasks(size: int, keep_heap: bool = False) -> None:
               f"transfer summed {sum(r['transfer'].values()):.2f} s; minor page faults {r['faults']}, "
               f"user {r['user']:.2f} s, system {r['sys']:.2f} s ({'process' if workers == 0 else 'workers'})"
               + (f", largest worker peak RSS {r['peak_mb']:.0f} MB" if workers else "") + "\n")
+        if "timeline" in r:
+            tl = r["timeline"]
+            print("time with " + " / ".join(str(i) for i in range(len(tl["running"]))) + " tasks computing: "
+                  + " / ".join(f"{x:.2f}" for x in tl["running"]) + f" s; after the last task ended (outputs to "
+                  f"the client): {tl['after_last_task']:.2f} s; client process (with the scheduler): user "
+                  f"{r['client_cpu'][0]:.2f} s, system {r['client_cpu'][1]:.2f} s\n")
         print("| task | compute | transfer |\n|---|---|---|")
         keys = sorted(set(r["compute"]) | set(r["transfer"]), key=lambda k: -r["compute"].get(k, 0.0))
         for k in keys[:12]:
             print(f"| {k} | {r['compute'].get(k, 0.0):.2f} | {r['transfer'].get(k, 0.0):.2f} |")
         print()
+
+
+def ceiling_child(size: int) -> None:
+    """Import and load, say READY, wait for GO on stdin, run ZOGY once on one thread, print the wall time."""
+    import dask
+
+    d, pn, pr, warm = _zogy_inputs(size)
+    warm()
+    print("READY", flush=True)
+    sys.stdin.readline()
+    with dask.config.set(scheduler="threads", num_workers=1):
+        wall = _zogy_run(d, pn, pr)
+    print("RESULT " + json.dumps({"wall": wall}), flush=True)
+
+
+def _together(size: int, n: int) -> list[float]:
+    """``n`` ceiling children started together (each released once all are loaded); their wall times."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, __file__, "--ceiling-child", "--zogy-size", str(size)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    for p in procs:
+        while p.stdout.readline().strip() != "READY":
+            if p.poll() is not None:
+                raise RuntimeError("a ceiling child failed before it was ready")
+    for p in procs:
+        p.stdin.write("GO\n")
+        p.stdin.flush()
+    walls = []
+    for p in procs:
+        out, _ = p.communicate()
+        walls.append(next(json.loads(ln[7:])["wall"] for ln in out.splitlines() if ln.startswith("RESULT ")))
+    return walls
+
+
+def ceiling(size: int, repeat: int) -> None:
+    print(f"\nTwo-process ceiling: ZOGY {size}² pair, nx=4, one thread per process, fresh processes "
+          f"(BLAS limited to one thread), {repeat} rounds\n")
+    print("| round | alone (s) | two together (s) | throughput gain |\n|---|---|---|---|")
+    gains = []
+    for i in range(repeat):
+        (alone,) = _together(size, 1)
+        pair = _together(size, 2)
+        gains.append(2 * alone / max(pair))
+        print(f"| {i + 1} | {alone:.2f} | {' / '.join(f'{w:.2f}' for w in pair)} | {gains[-1]:.2f} |")
+    print(f"\nmedian throughput gain of two processes: {np.median(gains):.2f} "
+          f"(range {min(gains):.2f}-{max(gains):.2f})")
 
 
 def main() -> None:
@@ -248,8 +333,16 @@ def main() -> None:
     ap.add_argument("--skip-zogy", action="store_true")
     ap.add_argument("--keep-heap", action="store_true",
                     help="ZOGY worker runs only, with glibc settings that keep freed memory in the heap (KEEP_HEAP)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="only the two-process ceiling: ZOGY alone vs two independent runs together")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of --ceiling")
     ap.add_argument("--zogy-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ceiling-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ceiling_child:
+        return ceiling_child(args.zogy_size)
+    if args.ceiling:
+        return ceiling(args.zogy_size, args.repeat)
     if args.zogy_child is not None:
         print("RESULT " + json.dumps(zogy_child(args.zogy_size, args.zogy_child, args.keep_heap)))
         return

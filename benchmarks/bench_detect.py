@@ -15,8 +15,9 @@ polluted by the other runs:
 * ``photutils``: ``Background2D((64, 64), filter_size=(3, 3))`` + 3x3 kernel
   convolution + ``SourceFinder(n_pixels=5)`` at ``1.5 * background_rms`` +
   ``SourceCatalog`` centroids;
-* ``tilepipe``: ``detect_sources(open_image(path, chunks=1024), nsigma=1.5,
-  nx=ny=size/1024)`` (mesh background via ``estimate_background`` inside) on a
+* ``tilepipe``: ``detect_sources(open_image(path, chunks=T), nsigma=1.5,
+  nx=ny=size/T)``, tiles of ``T = --tile`` pixels (default 1024), the mesh
+  background via ``estimate_background`` inside, on a
   ``LocalCluster`` of 1 or 2 worker processes (1 thread each), the FITS file
   read lazily by the workers; ``--workers 0`` adds a run in one process with
   dask's synchronous scheduler (the compute cost without the cluster).  Each
@@ -140,11 +141,12 @@ def run_tilepipe(path, truth, workers, size):
         import tilepipe.detect
 
         tilepipe.detect._USE_REGIONS.set(False)
-    nt = max(1, size // 1024)
+    tile = int(os.environ.get("TILEPIPE_BENCH_TILE", "1024"))
+    nt = max(1, size // tile)
     if workers == 0:  # one process, dask's synchronous scheduler: the pure compute cost, no cluster
         with dask.config.set(scheduler="synchronous"):
             t0 = time.perf_counter()
-            ds = tp.open_image(path, chunks=1024)
+            ds = tp.open_image(path, chunks=tile)
             cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
             wall = time.perf_counter() - t0
         comp, spur = _quality(cat["x"], cat["y"], truth)
@@ -162,7 +164,7 @@ def run_tilepipe(path, truth, workers, size):
     try:
         client.run(_import_modules)  # workers up, modules imported, before the clock starts
         t0 = time.perf_counter()
-        ds = tp.open_image(path, chunks=1024)
+        ds = tp.open_image(path, chunks=tile)
         cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
         wall = time.perf_counter() - t0
         wmem = max(client.run(_rss_mb).values())
@@ -208,6 +210,9 @@ def main():
     ap.add_argument("--halo", nargs="+", default=["read"], choices=["read", "exchange"],
                     help="how tilepipe's tile tasks get their halos from a file: 'read' (default: each task "
                          "reads its own window) and/or 'exchange' (tasks take the neighbouring chunks)")
+    ap.add_argument("--tile", type=int, default=1024,
+                    help="tilepipe's tile size in pixels (nx = ny = size / tile; 2048 at 2k = one tile, "
+                         "detect_sources' default nx=1)")
     ap.add_argument("--dask-default-env", action="store_true",
                     help="start workers with distributed's default environment (MALLOC_TRIM_THRESHOLD_=65536) "
                          "instead of tilepipe.cluster.WORKER_ENVIRON, to measure what that setting costs")
@@ -216,6 +221,8 @@ def main():
     ap.add_argument("--truth", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.child:
+        os.environ["TILEPIPE_BENCH_TILE"] = str(args.tile)  # read by the child processes
     if args.dask_default_env:
         os.environ["TILEPIPE_BENCH_DASK_DEFAULT_ENV"] = "1"  # read by the child processes
     if args.child:

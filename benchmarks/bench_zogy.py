@@ -182,6 +182,7 @@ def _warm() -> None:
     import scipy.spatial  # noqa: F401
 
     import tilepipe.background  # noqa: F401
+    import tilepipe.io  # noqa: F401  (open_image imports it at its first call: fsspec and its entry points, ~0.1 s)
     import tilepipe.subtract.transients  # noqa: F401
     import tilepipe.subtract.zogy  # noqa: F401
 

@@ -224,9 +224,10 @@ def test_feathered_blend_is_exact_with_constant_psf(const_pair):
 
 
 
-def test_blend_moves_only_strips_of_neighbour_results():
-    """A core's neighbours contribute strips at most 2 x feather px wide: the graph cuts those strips where the
-    neighbour's result lives, so whole tile results never travel between workers to be blended."""
+def test_blend_moves_only_strips_of_neighbour_results(monkeypatch):
+    """A core's neighbours contribute strips at most 2 x feather px wide: on several workers the graph cuts those
+    strips where the neighbour's result lives, so whole tile results never travel between workers to be blended;
+    in one process or one worker, where nothing travels, the blend takes views of the results (no cut tasks)."""
     from dask.highlevelgraph import HighLevelGraph
 
     from tilepipe.subtract import zogy as zm
@@ -246,10 +247,15 @@ def test_blend_moves_only_strips_of_neighbour_results():
     arrs = [da.from_array(z, chunks=grid.chunks) for _ in range(4)] + [da.from_array(z > 0, chunks=grid.chunks)]
     psf = np.zeros((9, 9))
     psf[4, 4] = 1.0
-    out = zm._map(*arrs, grid, [psf] * 9, [psf] * 9, fe, 0, {}, None, False)
-    dsk = dict(HighLevelGraph.merge(out[0].dask))
-    cut = [k for k, v in dsk.items() if isinstance(k, tuple) and str(k[0]).endswith("-part") and k[1] == 4]
-    assert sorted(k[2] for k in cut) == [0, 1, 2, 3, 5, 6, 7, 8]
+    for several in (True, False):
+        monkeypatch.setattr(zm, "several_workers", lambda several=several: several)
+        out = zm._map(*arrs, grid, [psf] * 9, [psf] * 9, fe, 0, {}, None, False)
+        dsk = dict(HighLevelGraph.merge(out[0].dask))
+        cuts = [k for k in dsk if isinstance(k, tuple) and str(k[0]).endswith("-part")]
+        centre = [k for k in cuts if k[1] == 4]
+        assert sorted(k[2] for k in centre) == ([0, 1, 2, 3, 5, 6, 7, 8] if several else [])
+        if not several:
+            assert not cuts
 
 
 def test_zogy_arrays_keeps_few_grids_alive():

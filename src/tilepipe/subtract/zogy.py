@@ -77,7 +77,7 @@ from .._validate import as_pair, check_choice, check_int, check_positive
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
 from ..tiling import (Region, TileGrid, _tile_table, bind_regions, evaluate_regions, fill_regions, map_windows,
-                      merge_tables, region_array, region_of, uses_distributed)
+                      merge_tables, region_array, region_of, several_workers, uses_distributed)
 from . import noise as nz
 
 log = logging.getLogger(__name__)
@@ -1524,11 +1524,12 @@ def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_ne
         for t in grid.tiles:
             dsk[(tname, t.index)] = (apply, _zogy_region_tile, [spec, grid, t.index], kw)
         deps = []
+    strips = several_workers()  # in one process or one worker nothing travels: no cut tasks (a few ms each)
     for t in grid.tiles:
         if feather > 0:  # the output core: the weighted sum of the blend regions that cover it
             parts = []
             for j, src, _, _ in _blend_parts(grid, t.index, feather):
-                if j == t.index:  # the tile's own result (where this task runs): a view
+                if j == t.index or not strips:  # a result where this task runs: a view
                     parts.append((operator.getitem, (tname, j), (slice(None),) + src))
                     continue
                 # a neighbour's strip, cut where its result lives: only the strip travels between workers
