@@ -853,3 +853,21 @@ def test_fits_box_reads_all_paths_equal_numpy(tmp_path, monkeypatch, span_bytes)
                    (slice(30, 31), slice(40, 120)), (slice(11, 97), slice(100, 130)), (slice(0, 203), slice(156, 157))]:
         (got,) = evaluate_regions([region_of(arr)], ys, xs)
         np.testing.assert_array_equal(got, data[ys, xs].astype(np.float32))
+
+
+@pytest.mark.cluster
+def test_fits_chunk_keys_name_their_chunks(tmp_path, client):
+    """Two opens of one file with different chunks must not share chunk keys: a cluster still holding the first
+    open's blocks would hand them to the second (wrong pixels, or shapes that do not broadcast)."""
+    from distributed import wait
+
+    data = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+    path = str(tmp_path / "a.fits")
+    fits.writeto(path, data)
+    a, _ = tio.read_fits(path, chunks=16)
+    b, _ = tio.read_fits(path, chunks=32)
+    assert a.name != b.name
+    held = client.persist(a)  # the first open's blocks stay on the workers
+    wait(held)
+    np.testing.assert_array_equal(b.compute(), data)
+    np.testing.assert_array_equal((b + held).compute(), 2 * data)

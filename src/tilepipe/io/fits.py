@@ -580,9 +580,13 @@ def _lazy_hdu(hdul: Any, idx: int, url: str, chunks: Any, storage_options: dict[
         mode, offset = "raw", int(hdul.fileinfo(idx)["datLoc"])
     bitpix = int(header["BITPIX"])
     reader = FitsChunkReader(url, idx, shape, nlead, bitpix, header, mode, offset, storage_options, file_comp, spans)
-    name = f"fits-{dask.base.tokenize(url, idx, shape, offset, reader.dtype.str, _fs.json_safe(storage_options or {}), _mtime(url))}"
+    # the chunks are part of the name: a chunk key must mean the same pixels in every graph, or a cluster still
+    # holding the keys of an earlier open of the same file with other chunks would hand out the wrong blocks
+    dchunks = da.core.normalize_chunks(_default_chunks(chunks, shape), shape, dtype=reader.dtype)
+    name = "fits-" + dask.base.tokenize(url, idx, shape, offset, reader.dtype.str, _fs.json_safe(storage_options or {}),
+                                        _mtime(url), dchunks)
     arr = da.from_array(
-        reader, chunks=_default_chunks(chunks, shape), name=name, lock=False, asarray=False, fancy=False,
+        reader, chunks=dchunks, name=name, lock=False, asarray=False, fancy=False,
         meta=np.empty((0, 0), dtype=reader.dtype),
         # the small reader is embedded in every chunk task: no shared "original-" key whose run_spec
         # differs between optimised and unoptimised graphs (dask/dask#9888 warnings on a cluster)
