@@ -1,10 +1,21 @@
-"""Shared by the benchmark scripts: one table row from a method's repeated fresh-process runs."""
+"""Shared by the benchmark scripts: one table row from a method's repeated fresh-process runs; the peak
+resident memory of a process."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (``VmHWM``: unlike ``ru_maxrss`` it is reset by exec, so a
+    child process does not inherit its parent's peak)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def summarize(runs: Sequence[dict], peak_keys: Sequence[str]) -> dict:

@@ -54,6 +54,8 @@ import warnings
 
 import numpy as np
 
+from _runs import peak_rss_mb  # benchmarks/_runs.py (this script's folder is on sys.path)
+
 
 def _timers(targets):
     """Wrap ``(module, attribute, label)`` functions with accumulating timers; returns the totals dict."""
@@ -142,16 +144,10 @@ def detect_pieces(size: int, calls: int) -> None:
 # ----------------------------------------------------------------------- ZOGY
 def _zogy_inputs(size: int):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_zogy import _warm, pair_files
-
-    from tilepipe.datasets import TruePSF
+    from bench_zogy import _warm, pair_files, true_psfs
 
     d = pair_files(size, os.path.join(tempfile.gettempdir(), "tilepipe-bench-zogy"))
-    with open(os.path.join(d, "new_psf.json")) as f:
-        pn = TruePSF(json.load(f))
-    with open(os.path.join(d, "ref_psf.json")) as f:
-        pr = TruePSF(json.load(f))
-    return d, pn, pr, _warm
+    return (d, *true_psfs(d), _warm)
 
 
 def _zogy_run(d, pn, pr) -> float:
@@ -174,11 +170,6 @@ def _zogy_run(d, pn, pr) -> float:
 KEEP_HEAP = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in
              (("MALLOC_MMAP_THRESHOLD_", 33554432), ("MALLOC_TRIM_THRESHOLD_", 4294967296),
               ("MALLOC_TOP_PAD_", 67108864))}
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        return next(float(ln.split()[1]) / 1024 for ln in fh if ln.startswith("VmHWM:"))
 
 
 def _timeline(spans: list[tuple[float, float]], wall: float, step: float = 0.01) -> dict:
@@ -233,7 +224,7 @@ def zogy_child(size: int, workers: int, keep_heap: bool = False) -> dict:
             wall = _zogy_run(d, pn, pr)
             c1 = _rusage()
         w1 = client.run(_rusage)
-        peak = max(client.run(_peak_rss_mb).values())
+        peak = max(client.run(peak_rss_mb).values())
     comp: dict[str, float] = collections.defaultdict(float)
     xfer: dict[str, float] = collections.defaultdict(float)
     spans = []

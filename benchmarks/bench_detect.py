@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,16 +52,7 @@ import time
 
 import numpy as np
 
-from _runs import summarize  # benchmarks/_runs.py (this script's folder is on sys.path)
-
-
-def _rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is reset by exec)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from _runs import peak_rss_mb, summarize  # benchmarks/_runs.py (this script's folder is on sys.path)
 
 
 def _quality(x, y, truth_path):
@@ -94,7 +84,7 @@ def run_sep(path, truth):
     objs = sep.extract(sub, 1.5, err=bkg.rms(), filter_type="conv")
     wall = time.perf_counter() - t0
     comp, spur = _quality(objs["x"], objs["y"], truth)
-    return {"wall": wall, "n": int(len(objs)), "completeness": comp, "spurious": spur, "mem": _rss_mb()}
+    return {"wall": wall, "n": int(len(objs)), "completeness": comp, "spurious": spur, "mem": peak_rss_mb()}
 
 
 def run_photutils(path, truth):
@@ -117,7 +107,7 @@ def run_photutils(path, truth):
         x, y = cat.x_centroid, cat.y_centroid
     wall = time.perf_counter() - t0
     comp, spur = _quality(x, y, truth)
-    return {"wall": wall, "n": int(len(x)), "completeness": comp, "spurious": spur, "mem": _rss_mb()}
+    return {"wall": wall, "n": int(len(x)), "completeness": comp, "spurious": spur, "mem": peak_rss_mb()}
 
 
 def _import_modules():
@@ -150,7 +140,7 @@ def run_tilepipe(path, truth, workers, size):
             cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
             wall = time.perf_counter() - t0
         comp, spur = _quality(cat["x"], cat["y"], truth)
-        return {"wall": wall, "n": int(len(cat)), "completeness": comp, "spurious": spur, "mem": _rss_mb(),
+        return {"wall": wall, "n": int(len(cat)), "completeness": comp, "spurious": spur, "mem": peak_rss_mb(),
                 "tiles": f"{nt}x{nt}", "regrown": len(cat.meta["regrown_tiles"])}
 
     from distributed import Client, LocalCluster
@@ -167,12 +157,12 @@ def run_tilepipe(path, truth, workers, size):
         ds = tp.open_image(path, chunks=tile)
         cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
         wall = time.perf_counter() - t0
-        wmem = max(client.run(_rss_mb).values())
+        wmem = max(client.run(peak_rss_mb).values())
     finally:
         client.close()
         cluster.close()
     comp, spur = _quality(cat["x"], cat["y"], truth)
-    return {"wall": wall, "n": int(len(cat)), "completeness": comp, "spurious": spur, "mem": _rss_mb(),
+    return {"wall": wall, "n": int(len(cat)), "completeness": comp, "spurious": spur, "mem": peak_rss_mb(),
             "worker_mem": wmem, "tiles": f"{nt}x{nt}", "regrown": len(cat.meta["regrown_tiles"])}
 
 

@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from _runs import peak_rss_mb  # benchmarks/_runs.py (this script's folder is on sys.path)
+
 MAKE = """
 import json, sys
 import numpy as np
@@ -49,15 +51,6 @@ for name, ds in (("new", p.new), ("ref", p.ref)):
     fits.writeto(f"{d}/{name}.fits", ds["image"].values.astype(np.float32), hdr, overwrite=True)
 json.dump({"flux_scale": float(p.new.attrs["truth_flux_scale"])}, open(f"{d}/truth.json", "w"))
 """
-
-
-def _rss_mb() -> float:
-    """Peak resident memory of this process (``VmHWM``), MB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _import() -> None:
@@ -106,7 +99,7 @@ def main() -> None:
         t_fit = time.perf_counter() - t0
         tp.write_zarr(res, out, overwrite=True)
         wall = time.perf_counter() - t0
-        wmem = client.run(_rss_mb)
+        wmem = client.run(peak_rss_mb)
     finally:
         client.close()
         cluster.close()
@@ -125,7 +118,7 @@ def main() -> None:
           "| robust std(scaled) |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.size} | {args.tiles}x{args.tiles} | {args.workers} | {wall:.1f} | {t_fit:.1f} | "
-          f"{' / '.join(f'{m:.0f}' for m in wmem.values())} | {_rss_mb():.0f} | {100 * ratio:+.2f} % | {rstd:.3f} |")
+          f"{' / '.join(f'{m:.0f}' for m in wmem.values())} | {peak_rss_mb():.0f} | {100 * ratio:+.2f} % | {rstd:.3f} |")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,17 @@ class PeakRSS:
         self.t.join()
 
 
+def true_psfs(d: str) -> tuple:
+    """The true PSFs of the pair in folder ``d`` (written by :func:`pair_files`), as ``TruePSF`` models."""
+    from tilepipe.datasets import TruePSF
+
+    out = []
+    for name in ("new", "ref"):
+        with open(os.path.join(d, f"{name}_psf.json")) as f:
+            out.append(TruePSF(json.load(f)))
+    return tuple(out)
+
+
 def _warm() -> None:
     """Import what tilepipe's ZOGY uses (outside the timed section, as the peers' imports are)."""
     import astropy.table  # noqa: F401
@@ -192,14 +203,10 @@ def run_tilepipe(d: str, nx: int, mode: str, fft: bool) -> dict:
     or ``"workers:N"`` (a LocalCluster of N single-threaded worker processes, started and warmed
     before the clock starts)."""
     import tilepipe as tp
-    from tilepipe.datasets import TruePSF
     from tilepipe.subtract import zogy as zmod
 
     _warm()
-    with open(os.path.join(d, "new_psf.json")) as f:
-        pn = TruePSF(json.load(f))
-    with open(os.path.join(d, "ref_psf.json")) as f:
-        pr = TruePSF(json.load(f))
+    pn, pr = true_psfs(d)
     fft_time = [0.0]
     kind, n = mode.split(":")
     n = int(n)

@@ -271,3 +271,13 @@ def test_map_windows_computes_each_window_from_its_sources():
         assert tag == want_tag and w == want_w
         np.testing.assert_allclose(got, 2.0 * (base[w[0]:w[1], w[2]:w[3]] - base.mean()).sum(), rtol=1e-10)
     assert not isinstance(filled[0].kwargs["m"], dask.array.Array)  # statistics come back computed
+
+
+def test_tile_boxes_are_windows_of_the_same_pixels():
+    """``outer_box``/``core_box`` are the ``(y0, y1, x0, x1)`` windows :func:`map_windows` takes: the same
+    pixels as the tile's slices, rows first."""
+    img = np.arange(100 * 90).reshape(100, 90)
+    for t in TileGrid((100, 90), nx=3, ny=2, overlap=5).tiles:
+        for box, sl in ((t.outer_box, t.outer), (t.core_box, t.core)):
+            y0, y1, x0, x1 = box
+            np.testing.assert_array_equal(img[y0:y1, x0:x1], img[sl])

@@ -742,10 +742,7 @@ def detect_sources(
         def run(jobs: list[Any]) -> list[Table]:
             return _extract_tasks(bundle, jobs, kwargs)
 
-    def box(sl: tuple[slice, slice]) -> tuple[int, int, int, int]:
-        return (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
-
-    tables = run([(box(t.outer), box(t.core)) for t in grid.tiles])
+    tables = run([(t.outer_box, t.core_box) for t in grid.tiles])
     if mesh_check is not None:  # the mesh statistics were computed with the windows: report bad meshes now
         message = mesh_check(state["regions"][1].kwargs["solved"])
         if message:

@@ -166,7 +166,7 @@ def plan_mosaic(inputs_wcs: Sequence[Any], in_shapes: Sequence[tuple[int, int]],
     feet = [_footprint_box(w, s, w_out, grid.shape) for w, s in zip(inputs_wcs, in_shapes)]
     plan = []
     for t in grid.tiles:
-        box = (t.outer[0].start, t.outer[0].stop, t.outer[1].start, t.outer[1].stop)
+        box = t.outer_box
         entries = []
         for i, (w, s, f) in enumerate(zip(inputs_wcs, in_shapes, feet)):
             if f is None or f[1] <= box[0] or box[1] <= f[0] or f[3] <= box[2] or box[3] <= f[2]:
@@ -403,7 +403,7 @@ def _combine_task(tile: Any, regions: Sequence[np.ndarray], origins: Sequence[tu
                   scales: Sequence[float], order: int, step: int, offsets: np.ndarray, sig: np.ndarray,
                   combine: str, psfs: Sequence[Any] | None, G: int) -> tuple[np.ndarray, ...]:
     """One output tile (core): image (float32), variance (float32), mask (bool, True = no data), coverage (int16)."""
-    box = (tile.outer[0].start, tile.outer[0].stop, tile.outer[1].start, tile.outer[1].stop)
+    box = tile.outer_box
     shape = tile.outer_shape
     sl = tile.inner
     w_out = w_out.deepcopy()
@@ -744,7 +744,7 @@ def mosaic(
             if len(entries) < 2:
                 continue
             regs, origins, idx, wl, shp, sc = task_args(entries)
-            box = (t.outer[0].start, t.outer[0].stop, t.outer[1].start, t.outer[1].stop)
+            box = t.outer_box
             tasks.append(dask.delayed(_stats_task)(box, regs, origins, idx, w_out_d, wl, shp, sc, iorder, coord_step,
                                                    dask_key_name=f"mosaic-stats-{token}-{t.index}"))
         per_tile = dask.compute(*tasks)

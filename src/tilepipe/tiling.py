@@ -67,6 +67,10 @@ def split_edges(n: int, k: int, align: int = 1) -> np.ndarray:
     return np.minimum(edges, n)
 
 
+def _box(sl: tuple[slice, slice]) -> tuple[int, int, int, int]:
+    return (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
+
+
 @dataclass(frozen=True)
 class Tile:
     """One tile of a :class:`TileGrid`.
@@ -96,6 +100,16 @@ class Tile:
     def origin(self) -> tuple[int, int]:
         """``(y0, x0)`` of the outer box in global pixels."""
         return self.outer[0].start, self.outer[1].start
+
+    @property
+    def outer_box(self) -> tuple[int, int, int, int]:
+        """The outer box as a window ``(y0, y1, x0, x1)`` (global, half-open): what :func:`map_windows` takes."""
+        return _box(self.outer)
+
+    @property
+    def core_box(self) -> tuple[int, int, int, int]:
+        """The core as a window ``(y0, y1, x0, x1)`` (global, half-open)."""
+        return _box(self.core)
 
     @property
     def core_shape(self) -> tuple[int, int]:
@@ -334,15 +348,21 @@ def make_grid(
     return TileGrid(shape, nx=nx, ny=ny, overlap=overlap, align=align)
 
 
-def uses_distributed() -> bool:
-    """Whether dask computes on a distributed cluster (the current ``distributed.Client`` is the scheduler)."""
+def _computing_client() -> Any:
+    """The ``distributed.Client`` dask computes on now, or None (no client, or e.g. ``scheduler="synchronous"``
+    set inside a client context)."""
     try:
         from distributed import default_client
 
         client = default_client()
     except (ImportError, ValueError):
-        return False
-    return dask.base.get_scheduler() == client.get  # not e.g. scheduler="synchronous" set inside a client context
+        return None
+    return client if dask.base.get_scheduler() == client.get else None
+
+
+def uses_distributed() -> bool:
+    """Whether dask computes on a distributed cluster (the current ``distributed.Client`` is the scheduler)."""
+    return _computing_client() is not None
 
 
 def several_workers() -> bool:
@@ -354,12 +374,11 @@ def several_workers() -> bool:
     one process or one worker, where nothing travels, a tile task takes the
     neighbouring chunks themselves (each scheduled task costs a few ms).
     """
-    if not uses_distributed():
+    client = _computing_client()
+    if client is None:
         return False
-    from distributed import default_client
-
     try:
-        return len(default_client().scheduler_info().get("workers", {})) > 1
+        return len(client.scheduler_info().get("workers", {})) > 1
     except Exception:  # noqa: BLE001 - a client that cannot answer: assume the general case
         return True
 

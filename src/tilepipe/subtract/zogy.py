@@ -970,7 +970,7 @@ def zogy_subtract(
         rbad = Region(_pair_bad_region, {"mn": rin["mask_n"], "mr": rin["mask_r"], "a": rin["img_n"],
                                          "b": rin["img_r"]})
         core_stats, filled = map_windows(_core_stats, [rbad, region_of(rms_n), region_of(rms_r)],
-                                         [_window(t.core) for t in pre_grid.tiles])
+                                         [t.core_box for t in pre_grid.tiles])
         _, rrms_n, rrms_r = filled  # rbad as built: it shares the file regions with rN, rR
         solved = [rrms_n.kwargs["solved"], rrms_r.kwargs["solved"]]  # computed in that pass
         templates, lazy = bind_regions([region_of(bkg_n), region_of(bkg_r)])  # the same solved grids
@@ -1112,7 +1112,7 @@ def zogy_subtract(
         (tables, noises) = dask.compute(Delayed(sname, sgraph))[0]
     else:
         regions5 = [rN, rR, rVN, rVR, rbad]
-        tables, regions5 = map_windows(_stars_window, regions5, [_window(t.outer) for t in star_grid.tiles],
+        tables, regions5 = map_windows(_stars_window, regions5, [t.outer_box for t in star_grid.tiles],
                                        [{"index": t.index} for t in star_grid.tiles], grid=star_grid, kw=star_kw)
     stars = merge_tables(tables)
     rn_tiles = [float(v) for v in noises[:grid.ntiles]]
@@ -1475,7 +1475,8 @@ def _map_samples(solved: list[np.ndarray], mesh: tuple[int, int], shape: tuple[i
 
 
 def _stars_window(n, r, vn, vr, bad, *, window, grid, index, kw):
-    """:func:`_stars_task` on a star tile's outer box read straight from the files."""
+    """The stars of star tile ``index`` measured on its outer box (``window``, unused here: the region path
+    passes it; the chunk path's :func:`_stars_task` builds the box from chunks)."""
     return _tile_table(nz.measure_pair_stars, grid, index, kw, "x", "y", n, r, vn, vr, bad)
 
 
@@ -1486,13 +1487,9 @@ def _zogy_region_tile(regions: list[Region], grid: TileGrid, index: int, **kw: A
     return _zogy_tile(*blocks, tile=t, tgrid=grid, **kw)
 
 
-def _window(sl: tuple[slice, slice]) -> tuple[int, int, int, int]:
-    return (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
-
-
 def _stars_task(grid, index, kw, parts):
-    blocks = _outer_blocks(grid, index, parts)
-    return _tile_table(nz.measure_pair_stars, grid, index, kw, "x", "y", *blocks)
+    """:func:`_stars_window` on a star tile's outer box built from its neighbours' chunks (chunk path)."""
+    return _stars_window(*_outer_blocks(grid, index, parts), window=None, grid=grid, index=index, kw=kw)
 
 
 def _map(N, R, VN, VR, bad, grid, psfs_new, psfs_ref, feather, pad, params, f_new, flux_correction,
