@@ -280,6 +280,25 @@ def test_dark_scale_rules(synthetic):
         calibrate(_ds(s["raw"], 30.0), flat=_ds(s["flat"], 2.0))
 
 
+
+@pytest.mark.parametrize("t_flat", [10.0, 10.5])
+def test_flat_with_the_darks_exposure_time_loses_its_bias(t_flat):
+    """A raw flat exposed as long as the dark: F - B - (t_flat/t_dark)(D - B) must still remove the bias
+    (with t_flat == t_dark the bias terms' net coefficient is 0, but the bias frame is still subtracted
+    once and added back with the dark current: the flat is F - D, not F - D + B)."""
+    shape = (32, 32)
+    bias = np.full(shape, 500.0)
+    dark_rate = 1.0  # ADU / s
+    illum = np.ones(shape)
+    illum[:, 16:] = 2.0  # the right half twice as sensitive
+    dark = bias + 10.0 * dark_rate  # 10 s, bias included
+    flat = bias + t_flat * dark_rate + 1000.0 * illum
+    raw = bias + 30.0 * dark_rate + 100.0 * illum  # 30 s of a flat sky of 100 ADU (x illumination)
+    out = calibrate(_ds(raw, 30.0), _ds(bias, 0.0), _ds(dark, 10.0), _ds(flat, t_flat))
+    img = out["image"].values
+    # flat normalised to its median (1000 * 1.5 on a half-and-half chip): a flat-fielded sky of 150 everywhere
+    np.testing.assert_allclose(img, 150.0, rtol=1e-6)
+
 def test_lazy_and_chunk_invariant(frames):
     paths, _ = frames
 
