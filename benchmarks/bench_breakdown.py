@@ -31,11 +31,22 @@ Two measurements that back the explanations next to the README's detection and Z
    bound for "two workers ÷ one worker" on one job.  ``--repeat`` rounds,
    alone and pair interleaved.
 
+4. **The machine's first-touch cost** (``--first-touch``): a fresh process
+   writes one float per 4 KB page of a ``--touch-mb`` array (the kernel must
+   supply and zero every page), frees it and does it again (pages the kernel
+   just got back); ``--idle`` seconds of sleep before each round.  On a VM
+   whose balloon device reports free pages to the host (virtio-balloon
+   ``VIRTIO_BALLOON_F_REPORTING``, printed when present), memory left free for
+   a few seconds goes back to the host and the next first touch is much
+   slower: the cost every fresh worker, every received task result and every
+   output landing in the client pays.
+
 Usage::
 
     python benchmarks/bench_breakdown.py [--detect-size 2048] [--calls 3] [--zogy-size 4096] [--skip-zogy]
     python benchmarks/bench_breakdown.py --keep-heap   # the ZOGY worker runs with KEEP_HEAP's glibc settings
     python benchmarks/bench_breakdown.py --ceiling [--repeat 5]   # the two-process ceiling only
+    python benchmarks/bench_breakdown.py --first-touch [--touch-mb 512] [--idle 8] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -316,6 +327,53 @@ def ceiling(size: int, repeat: int) -> None:
           f"(range {min(gains):.2f}-{max(gains):.2f})")
 
 
+# ---------------------------------------------------------------- first touch
+def touch_child(mb: int) -> dict:
+    """Seconds to touch ``mb`` MB of new memory (one write per 4 KB page), then again after freeing it."""
+    out = {}
+    for what in ("fresh", "again"):
+        t0 = time.perf_counter()
+        a = np.empty(mb << 18, dtype=np.float32)
+        a[::1024] = 1.0  # one float per 4 KB page: every page faulted in and zeroed by the kernel
+        out[what] = time.perf_counter() - t0
+        del a
+    return out
+
+
+def _free_page_reporting() -> str:
+    """Whether a virtio balloon device offers free page reporting (feature bit 5) to the host."""
+    import glob
+
+    for dev in glob.glob("/sys/bus/virtio/devices/*"):
+        try:
+            with open(os.path.join(dev, "device")) as f:
+                if int(f.read(), 16) != 5:  # virtio device id 5: memory balloon
+                    continue
+            with open(os.path.join(dev, "features")) as f:
+                bits = f.read().strip()
+        except OSError:
+            continue
+        return "on" if len(bits) > 5 and bits[5] == "1" else "off"
+    return "no virtio balloon device"
+
+
+def first_touch(mb: int, idle: float, repeat: int) -> None:
+    print(f"\nFirst touch of {mb} MB in a fresh process, after {idle:g} s idle; virtio-balloon free page "
+          f"reporting: {_free_page_reporting()}\n")
+    print("| round | new memory (MB/s) | the same amount again, just freed (MB/s) |\n|---|---|---|")
+    rates = []
+    for i in range(repeat):
+        time.sleep(idle)
+        p = subprocess.run([sys.executable, __file__, "--touch-child", str(mb)], capture_output=True, text=True,
+                           check=True)
+        r = json.loads(next(ln[7:] for ln in p.stdout.splitlines() if ln.startswith("RESULT ")))
+        rates.append((mb / r["fresh"], mb / r["again"]))
+        print(f"| {i + 1} | {rates[-1][0]:.0f} | {rates[-1][1]:.0f} |")
+    fresh, again = np.median([r[0] for r in rates]), np.median([r[1] for r in rates])
+    print(f"\nmedian: new memory {fresh:.0f} MB/s, just freed {again:.0f} MB/s; at these rates the 270 MB of a "
+          f"4k ZOGY run's five outputs take {270 / fresh:.2f} s / {270 / again:.2f} s to land in fresh memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--detect-size", type=int, default=2048)
@@ -326,12 +384,22 @@ def main() -> None:
                     help="ZOGY worker runs only, with glibc settings that keep freed memory in the heap (KEEP_HEAP)")
     ap.add_argument("--ceiling", action="store_true",
                     help="only the two-process ceiling: ZOGY alone vs two independent runs together")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds of --ceiling")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of --ceiling or --first-touch")
+    ap.add_argument("--first-touch", action="store_true",
+                    help="only the first-touch cost of new memory (--touch-mb, after --idle seconds)")
+    ap.add_argument("--touch-mb", type=int, default=512)
+    ap.add_argument("--idle", type=float, default=8.0)
+    ap.add_argument("--touch-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--zogy-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ceiling-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ceiling_child:
         return ceiling_child(args.zogy_size)
+    if args.touch_child is not None:
+        print("RESULT " + json.dumps(touch_child(args.touch_child)))
+        return
+    if args.first_touch:
+        return first_touch(args.touch_mb, args.idle, args.repeat)
     if args.ceiling:
         return ceiling(args.zogy_size, args.repeat)
     if args.zogy_child is not None:
