@@ -451,6 +451,55 @@ def test_wcs_disagreement_and_align():
     assert m[:, :3].any() or m[:, -3:].any()
 
 
+
+def test_align_reprojects_a_reference_of_another_shape():
+    """align=True resamples a reference that covers the same sky on another pixel grid (here trimmed by 16
+    columns), instead of refusing the shape difference; without align the shape error points to it."""
+    p = make_pair((256, 256), seed=4, psf_variation=0.0, n_transients=0, shift=(0.0, 0.0))
+    new = tp.open_image(p.new["image"].values, header=_wcs_header(150.0), gain=2.0)
+    h = _wcs_header(150.0)
+    h["CRPIX1"] = 128.0 - 16
+    ref = tp.open_image(p.ref["image"].values[:, 16:], header=h, gain=2.0)
+    with pytest.raises(ValueError, match="align=True"):
+        tp.subtract(new, ref)
+    res = tp.subtract(new, ref, align=True, new_psf=true_psf(p.new).at(128, 128), ref_psf=true_psf(p.ref).at(128, 128))
+    assert res["scorr"].shape == (256, 256)
+    assert np.all(np.abs(res.attrs["shift"]) < 0.1)  # the same sky: no shift once resampled
+    m = res["mask"].values
+    assert m[:, :16].all() and not m[:, 40:-20].any()  # no reference pixels left of its first column
+    s = res["scorr"].values[~m]
+    assert 0.9 < 1.4826 * np.median(np.abs(s - np.median(s))) < 1.1
+
+
+def test_even_psf_stamps_are_centred_between_their_middle_pixels():
+    """An even-sized stamp's centre is ((n - 1) / 2, (n - 1) / 2): ZOGY resamples it onto an odd grid without
+    moving it (it used to sit half a pixel off), so the subtraction equals the one with the odd stamp."""
+    import importlib
+
+    zm = importlib.import_module("tilepipe.subtract.zogy")
+
+    def gauss(n, c, fwhm):
+        s = fwhm / 2.3548
+        yy, xx = np.mgrid[0:n, 0:n]
+        g = np.exp(-((xx - c) ** 2 + (yy - c) ** 2) / (2 * s * s))
+        return g / g.sum()
+
+    for n in (10, 24):
+        st = zm._odd_stamp(gauss(n, (n - 1) / 2, 3.5), "psf")
+        yy, xx = np.mgrid[0:st.shape[0], 0:st.shape[1]]
+        assert st.shape == (n + 1, n + 1)
+        np.testing.assert_allclose([(st * yy).sum(), (st * xx).sum()], [n / 2, n / 2], atol=1e-9)
+        # the same Gaussian sampled on the odd grid, to the Fourier shift's ringing off the truncated edge
+        truth = gauss(n + 1, n / 2, 3.5)
+        assert np.abs(st - truth).max() < (2e-3 if n == 10 else 2e-5) * truth.max()
+    p = make_pair((256, 256), seed=3, psf_variation=0.0, ellipticity=0.0, shift=(0.0, 0.0), n_transients=0)
+    kw = dict(ref_psf=gauss(25, 12, 2.5), scale=1.1, fit_shift=False, dx=0, dy=0)
+    odd = tp.subtract(p.new, p.ref, new_psf=gauss(25, 12, 3.5), **kw)
+    even = tp.subtract(p.new, p.ref, new_psf=gauss(24, 11.5, 3.5), **kw)
+    noise = odd.attrs["diff_noise"]
+    assert np.nanmax(np.abs(even["diff"].values - odd["diff"].values)) < 0.05 * noise
+    assert np.nanmax(np.abs(even["scorr"].values - odd["scorr"].values)) < 0.05
+
 # --------------------------------------------------------------------- CLI
 def test_cli_subtract(tmp_path):
     from click.testing import CliRunner

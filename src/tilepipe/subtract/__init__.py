@@ -18,6 +18,7 @@ import sys
 import types
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from .._validate import check_choice
@@ -124,11 +125,11 @@ def subtract(
         overlap, an entirely masked tile, a PSF larger than the halo.
     """
     check_choice("method", method, ("zogy", "sfft"))
-    new_ds = open_image(new)
-    ref_ds = open_image(ref)
     if method == "sfft":
         from .sfft import sfft_subtract
 
+        # the inputs as given: sfft_subtract opens them itself, building a default variance with the gains
+        new_ds, ref_ds = new, ref
         return sfft_subtract(
             new_ds, ref_ds, nx=nx, ny=ny, overlap=overlap, new_psf=new_psf, ref_psf=ref_psf, new_var=new_var,
             ref_var=ref_var, new_gain=new_gain, ref_gain=ref_gain, scale=scale, fit_scale=fit_scale,
@@ -136,6 +137,8 @@ def subtract(
         ) if _sfft_takes_all() else sfft_subtract(new_ds, ref_ds, **_sfft_kwargs(locals(), kwargs))
     from .zogy import zogy_subtract
 
+    new_ds = open_image(new)
+    ref_ds = open_image(ref)
     return zogy_subtract(
         new_ds, ref_ds, nx=nx, ny=ny, overlap=overlap, new_psf=new_psf, ref_psf=ref_psf, new_var=new_var,
         ref_var=ref_var, new_gain=new_gain, ref_gain=ref_gain, scale=scale, fit_scale=fit_scale,
@@ -153,6 +156,15 @@ def _sfft_takes_all() -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in params)
 
 
+def _is_set(value: Any, default: Any) -> bool:
+    """Whether an option differs from its default (``None``, a bool or an int); arrays are never compared."""
+    if value is default:
+        return False
+    if default is None or isinstance(value, np.ndarray) or not isinstance(value, (bool, int, float)):
+        return value is not None
+    return bool(value != default)
+
+
 def _sfft_kwargs(local: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """The common options that ``sfft_subtract`` declares and that were set, plus ``extra``."""
     import inspect
@@ -163,10 +175,10 @@ def _sfft_kwargs(local: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
     defaults = {"nx": 1, "ny": None, "overlap": None, "new_psf": None, "ref_psf": None, "new_var": None,
                 "ref_var": None, "new_gain": None, "ref_gain": None, "scale": None, "fit_scale": True,
                 "fit_shift": True}
-    unsupported = [k for k in defaults if k not in names and local[k] is not defaults[k] and local[k] != defaults[k]]
+    unsupported = [k for k in defaults if k not in names and _is_set(local[k], defaults[k])]
     if unsupported:
         raise TypeError(f"method='sfft' does not take {', '.join(unsupported)}; see tilepipe.subtract.sfft.sfft_subtract")
-    out = {k: local[k] for k in defaults if k in names and local[k] is not defaults[k] and local[k] != defaults[k]}
+    out = {k: local[k] for k in defaults if k in names and _is_set(local[k], defaults[k])}
     out.update({k: local[k] for k in ("nx", "ny", "overlap") if k in names})
     out.update(extra)
     return out

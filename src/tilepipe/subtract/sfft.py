@@ -938,7 +938,9 @@ def sfft_subtract(
     new_var, ref_var : array-like, optional
         Variance maps (image units²) replacing the Datasets' ``variance``.
     new_gain, ref_gain : float, optional
-        Gains (e-/ADU) used when a variance map has to be built.
+        Gains (e-/ADU) used when a variance map has to be built (inputs given
+        as arrays or paths); a Dataset's own ``variance`` is used as is
+        (``FallbackWarning`` when a gain is then given).
     new_fwhm, ref_fwhm : float, optional
         FWHMs (pixels) overriding ``attrs["fwhm"]``.
     subtract_background : bool
@@ -989,6 +991,13 @@ def sfft_subtract(
         The normal matrix is singular: the kernel polynomial order (then the
         background order) is lowered until it is not.
     """
+    for what, src, var, gain in (("new", new, new_var, new_gain), ("ref", ref, ref_var, ref_gain)):
+        if gain is not None and var is None and isinstance(src, xr.Dataset) and "variance" in src:
+            warnings.warn(
+                f"{what}_gain is not used: the {what} Dataset has its own 'variance' (used as is); pass the image as "
+                f"an array or path to build its variance with the gain, or give {what}_var=",
+                FallbackWarning, stacklevel=2,
+            )
     new_ds = open_image(new, variance=new_var, gain=new_gain, fwhm=new_fwhm)
     ref_ds = open_image(ref, variance=ref_var, gain=ref_gain, fwhm=ref_fwhm)
     shape = tuple(new_ds["image"].shape)

@@ -97,12 +97,19 @@ def _odd_stamp(stamp: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what} must give a 2-D PSF stamp of at least 3x3 pixels; got shape {a.shape}")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{what} contains non-finite values")
-    # make it odd-sized and square, centred
+    # make it odd-sized and square, centred: an axis of even length has its centre between its two middle
+    # pixels ((n - 1) / 2, the numpy/astropy convention); it gets one more pixel and is shifted by half a pixel
+    # onto the odd grid's middle pixel (a Fourier shift: exact for a band-limited, well-sampled PSF)
+    shift = [0.5 if m % 2 == 0 else 0.0 for m in a.shape]
     n = max(a.shape)
     n += 1 - n % 2
     out = np.zeros((n, n))
-    oy, ox = (n - a.shape[0]) // 2, (n - a.shape[1]) // 2
+    oy, ox = (n - a.shape[0] + 1) // 2 - (a.shape[0] % 2 == 0), (n - a.shape[1] + 1) // 2 - (a.shape[1] % 2 == 0)
     out[oy:oy + a.shape[0], ox:ox + a.shape[1]] = a
+    if any(shift):
+        from scipy import ndimage
+
+        out = np.fft.ifft2(ndimage.fourier_shift(np.fft.fft2(out), shift)).real
     s = out.sum()
     if not np.isfinite(s) or s <= 0:
         raise ValueError(f"{what} has a non-positive sum; a PSF stamp must sum to a positive value (it is normalised to 1)")
@@ -817,7 +824,8 @@ def _phase_timer() -> Callable[[str], None]:
 
 
 def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
-    if new["image"].shape != ref["image"].shape:
+    same_shape = new["image"].shape == ref["image"].shape
+    if not same_shape and not (align and has_wcs(new) and has_wcs(ref)):
         raise ValueError(
             f"new has shape {new['image'].shape} but ref has shape {ref['image'].shape}; ZOGY needs aligned images "
             "of the same shape: resample the reference onto the new image's pixel grid first "
@@ -834,7 +842,7 @@ def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
     world = wn.pixel_to_world(xx.ravel(), yy.ravel())
     xr_, yr_ = wr.world_to_pixel(world)
     off = float(np.nanmax(np.hypot(np.asarray(xr_) - xx.ravel(), np.asarray(yr_) - yy.ravel())))
-    if off <= 0.5:
+    if off <= 0.5 and same_shape:
         return ref
     if not align:
         raise ValueError(
@@ -844,7 +852,8 @@ def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
         )
     from reproject import reproject_interp
 
-    log.info("reprojecting the reference onto the new image's WCS (offset up to %.2f px)", off)
+    log.info("reprojecting the reference (shape %s) onto the new image's WCS (shape %s, offset up to %.2f px)",
+             ref["image"].shape, new["image"].shape, off)
     hdr = wn.to_header()
     hdr["NAXIS"] = 2
     hdr["NAXIS1"], hdr["NAXIS2"] = w, h
