@@ -422,6 +422,20 @@ def test_incomplete_remote_store_is_refused():
         tio.read_zarr(f"memory://tp-{uuid.uuid4().hex[:8]}/none.zarr")
 
 
+def test_plain_zarr_array_store_opens_as_image(tmp_path):
+    import zarr
+
+    a = np.arange(32 * 40, dtype=np.float32).reshape(32, 40)
+    for url in (str(tmp_path / "img.zarr"), f"memory://tp-{uuid.uuid4().hex[:8]}/img.zarr"):
+        zarr.save_array(url, a)  # a plain Zarr array store, not a group
+        ds = tio.read_zarr(url)
+        assert list(ds.data_vars) == ["image"] and ds["image"].dims == ("y", "x")
+        ds = tp.open_image(url)
+        np.testing.assert_array_equal(ds["image"].values, a)
+        assert ds["mask"].shape == a.shape
+        np.testing.assert_array_equal(tio.read_array(url).compute(), a)
+
+
 def test_memory_urls_roundtrip(product):
     base = f"memory://tp-{uuid.uuid4().hex[:8]}"
     tio.write_zarr(product, f"{base}/p.zarr")
@@ -486,6 +500,24 @@ def test_write_fits_gz(tmp_path, product):
     with open(p, "rb") as f:
         assert f.read(2) == b"\x1f\x8b"
     _assert_same(product, tp.open_image(p))
+
+
+def test_write_fits_default_skips_non_yx_2d_variables(tmp_path):
+    ds = tp.open_image(np.ones((64, 64), np.float32))
+    ds["psf"] = (("psf_y", "psf_x"), np.full((15, 15), 1 / 225, np.float32))  # a PSF stamp beside the image
+    ds["background"] = ds["image"] * 0.5
+    p = tmp_path / "p.fits"
+    tio.write_fits(ds, p)
+    with fits.open(p) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "MASK", "VARIANCE", "BACKGROUND"]
+    np.testing.assert_array_equal(tp.open_image(p)["background"].values, 0.5)
+    # asked for explicitly, a stamp alone is written (it is 2-D)
+    tio.write_fits(ds, tmp_path / "psf.fits", variables=["psf"])
+    with fits.open(tmp_path / "psf.fits") as hdul:
+        assert hdul["PSF"].data.shape == (15, 15)
+    # and mixing shapes explicitly is still a clear error
+    with pytest.raises(ValueError, match="different shapes"):
+        tio.write_fits(ds, tmp_path / "x.fits", variables=["image", "psf"])
 
 
 def test_failed_fits_write_leaves_nothing(tmp_path):
@@ -578,6 +610,17 @@ def test_tables_roundtrip(tmp_path, ext):
         assert len(tio.read_table(url)) == 2
     assert "TILEPIPE" not in t.meta  # the caller's table is untouched
     assert sorted(os.listdir(tmp_path)) == [f"cat{ext}"]
+
+
+def test_fits_gz_table_is_gzipped(tmp_path):
+    t = Table({"x": np.arange(1000.0), "y": np.zeros(1000)})
+    for url in (str(tmp_path / "cat.fits.gz"), f"memory://tp-{uuid.uuid4().hex[:8]}/cat.fits.gz"):
+        tio.write_table(t, url)
+        with fsspec.open(url, "rb") as f:
+            assert f.read(2) == b"\x1f\x8b", url
+        back = tio.read_table(url)
+        np.testing.assert_array_equal(back["x"], t["x"])
+    assert sorted(os.listdir(tmp_path)) == ["cat.fits.gz"]
 
 
 def test_table_errors(tmp_path):

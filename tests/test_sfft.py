@@ -322,3 +322,15 @@ def test_cli_subtract_method_sfft(tmp_path):
     assert res.attrs["method"] == "sfft" and res.attrs["nx"] == 2
     assert abs(res.attrs["flux_ratio"] / pair.new.attrs["truth_flux_scale"] - 1) < 0.05
     assert (tmp_path / "cand.ecsv").exists()
+    # --new-gain/--ref-gain reach SFFT's variance maps (they were dropped for --method sfft): a 100x larger gain
+    # leaves almost only the sky noise
+    out2 = tmp_path / "diff_gain.zarr"
+    r = CliRunner().invoke(main, ["--nx", "2", "--no-progress", "subtract", *paths, "-o", str(out2), "--method",
+                                  "sfft", "--no-cluster", "--new-gain", str(100 * pair.new.attrs["gain"]),
+                                  "--ref-gain", str(100 * pair.ref.attrs["gain"])])
+    assert r.exit_code == 0, r.output
+    n1, n2 = res["noise"].values, read_zarr(str(out2))["noise"].values
+    assert np.nanmax(n2) < 0.5 * np.nanmax(n1)
+    r = CliRunner().invoke(main, ["--no-progress", "subtract", *paths, "-o", str(tmp_path / "x.zarr"), "--method",
+                                  "sfft", "--no-cluster", "--scale", "1.1"])
+    assert r.exit_code != 0 and "--scale" in r.output and not (tmp_path / "x.zarr").exists()

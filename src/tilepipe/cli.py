@@ -21,14 +21,25 @@ from . import __version__
 class Context:
     """Options shared by every subcommand."""
 
-    def __init__(self, scheduler: str | None, nx: int, ny: int | None, overlap: int | None, verbose: int,
+    def __init__(self, scheduler: str | None, nx: int | None, ny: int | None, overlap: int | None, verbose: int,
                  progress: bool) -> None:
         self.scheduler = scheduler
-        self.nx = nx
-        self.ny = ny if ny is not None else nx
+        self.given_nx, self.given_ny = nx, ny  # None: not given on the command line
+        self.nx, self.ny = self.tile_counts(1)
         self.overlap = overlap
         self.verbose = verbose
         self.progress = progress
+
+    def tile_counts(self, default: int) -> tuple[int, int]:
+        """``(nx, ny)``: each as given, else ``default`` for nx and the resulting nx for ny.
+
+        Parameters
+        ----------
+        default : int
+            Tiles along x when ``--nx`` was not given (1 for most commands, 2 for ``demo``).
+        """
+        nx = self.given_nx if self.given_nx is not None else default
+        return nx, self.given_ny if self.given_ny is not None else nx
 
     def tiles(self, default_overlap: int = 64) -> dict[str, Any]:
         """``nx, ny, overlap`` keyword arguments for library calls."""
@@ -67,7 +78,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.version_option(__version__, prog_name="tilepipe")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Dask scheduler address (tcp://HOST:8786). Default: a LocalCluster sized to this machine.")
-@click.option("--nx", default=1, show_default=True, type=click.IntRange(min=1), help="Tiles along x.")
+@click.option("--nx", default=None, type=click.IntRange(min=1), help="Tiles along x (default: 1; demo: 2).")
 @click.option("--ny", default=None, type=click.IntRange(min=1), help="Tiles along y (default: --nx).")
 @click.option("--overlap", default=None, type=click.IntRange(min=0),
               help="Halo width in pixels (default: each operation's own support).")
@@ -104,15 +115,36 @@ def open_or_fail(path: str, **kwargs: Any):
         fail(f"cannot open {path!r}: {exc}")
 
 
+def refuse_existing(output: str, overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail before any work when OUTPUT (local path or fsspec URL) exists and --overwrite was not given."""
+    if overwrite:
+        return
+    from .io import _fs
+
+    try:
+        fs, path = _fs.get_fs(_fs.as_str(output, "output"), storage_options)
+        exists = fs.exists(path)
+    except (OSError, ValueError, TypeError) as exc:
+        fail(f"cannot check whether {output!r} exists ({exc}); check the path or URL and --storage-option")
+    if exists:
+        fail(f"{output} exists; pass --overwrite to replace it")
+
+
+STORAGE_OPTION = click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE",
+                              help="fsspec storage option for URLs (repeatable), e.g. -s anon=true.")
+
+
 # ============================================================= foundation
 @main.command()
 @click.argument("path")
 @click.option("--hdu", default=None, help="FITS extension number or name.")
-def info(path: str, hdu: str | None) -> None:
+@STORAGE_OPTION
+def info(path: str, hdu: str | None, storage_option) -> None:
     """Print shape, dtype, WCS and a header summary of an image (FITS or Zarr, local or URL)."""
     from .image import has_wcs, wcs
 
-    ds = open_or_fail(path, hdu=_hdu(hdu))
+    opts = _storage_options(storage_option)
+    ds = open_or_fail(path, hdu=_hdu(hdu), storage_options=opts)
     img = ds["image"]
     click.echo(f"{path}")
     click.echo(f"  shape      : {img.shape[0]} x {img.shape[1]} (y, x)")
@@ -194,13 +226,16 @@ def demo(ctx: Context, output: str, size: int, seed: int) -> None:
     """Make a seeded synthetic pair and run every stage on a LocalCluster.
 
     Writes Zarr, FITS, catalogs and PNG quick-looks into OUTPUT and prints
-    what it wrote.
+    what it wrote.  Tiles: 2 x 2 unless --nx / --ny are given.
     """
     from .demo import run_demo
 
     with ctx.client():
-        written = run_demo(output, size=size, seed=seed, nx=ctx.nx if ctx.nx > 1 else 2,
-                           ny=ctx.ny if ctx.nx > 1 else 2, overlap=ctx.overlap)
+        nx, ny = ctx.tile_counts(2)  # the demo tiles 2 x 2 unless --nx / --ny say otherwise
+        try:
+            written = run_demo(output, size=size, seed=seed, nx=nx, ny=ny, overlap=ctx.overlap)
+        except ValueError as exc:
+            fail(str(exc))
     click.echo(f"tilepipe demo wrote {len(written)} files into {output}/:")
     for path, what in written:
         click.echo(f"  {path}  ({what})")
@@ -412,13 +447,16 @@ def mosaic_cmd(ctx: Context, inputs: tuple[str, ...], output: str, combine: str,
 @click.option("--plot", default=None, metavar="PNG", help="Also write a zscale quick-look with the detections circled.")
 @click.option("--hdu", default=None, help="FITS extension of IMAGE.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@STORAGE_OPTION
 @pass_ctx
 def detect_cmd(ctx: Context, image: str, output: str, nsigma: float, minarea: int, filter_fwhm: float | None,
-               deblend_cont: float, plot: str | None, hdu: str | None, overwrite: bool) -> None:
+               deblend_cont: float, plot: str | None, hdu: str | None, overwrite: bool, storage_option) -> None:
     """Detect sources in IMAGE (sep per tile, merged by ownership) and write a catalog."""
     from .detect import detect_sources, plot_detections
 
-    ds = open_or_fail(image, hdu=_hdu(hdu))
+    opts = _storage_options(storage_option)
+    ds = open_or_fail(image, hdu=_hdu(hdu), storage_options=opts)
+    refuse_existing(output, overwrite, opts)  # before any computation
     tiles = {"nx": ctx.nx, "ny": ctx.ny, "overlap": ctx.overlap}
     with ctx.client():
         try:
@@ -432,7 +470,7 @@ def detect_cmd(ctx: Context, image: str, output: str, nsigma: float, minarea: in
         except ImportError:  # pragma: no cover - io not installed
             write_table = None
         if write_table is not None:
-            write_table(cat, output, overwrite=overwrite)
+            write_table(cat, output, overwrite=overwrite, storage_options=opts)
         else:  # pragma: no cover
             cat.write(output, overwrite=overwrite)
     except (OSError, ValueError) as exc:
@@ -444,7 +482,7 @@ def detect_cmd(ctx: Context, image: str, output: str, nsigma: float, minarea: in
 
 
 # ===== psf =====
-def _read_catalog_or_fail(path: str):
+def _read_catalog_or_fail(path: str, storage_options: dict[str, Any] | None = None):
     from astropy.table import Table
 
     try:
@@ -452,7 +490,7 @@ def _read_catalog_or_fail(path: str):
             from .io import read_table
         except ImportError:  # pragma: no cover
             read_table = None
-        return read_table(path) if read_table is not None else Table.read(path)
+        return read_table(path, storage_options=storage_options) if read_table is not None else Table.read(path)
     except (OSError, ValueError) as exc:
         fail(f"cannot read catalog {path!r}: {exc}")
 
@@ -470,26 +508,32 @@ def _read_catalog_or_fail(path: str):
 @click.option("--plot", default=None, metavar="PNG", help="Write a grid of PSFs across the field and the FWHM map.")
 @click.option("--hdu", default=None, help="FITS extension of IMAGE.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@STORAGE_OPTION
 @pass_ctx
 def psf_cmd(ctx: Context, image: str, output: str, catalog: str | None, size: int, degree: int, model: str,
-            oversampling: int, plot: str | None, hdu: str | None, overwrite: bool) -> None:
-    """Build a spatially varying PSF model of IMAGE and write it to a FITS file."""
-    import os
-
+            oversampling: int, plot: str | None, hdu: str | None, overwrite: bool, storage_option) -> None:
+    """Build a spatially varying PSF model of IMAGE and write it to a FITS file (local path or URL)."""
+    from .io import _fs
     from .psf import build_psf
     from .psf.plots import plot_psf
 
-    if os.path.exists(output) and not overwrite:
-        fail(f"{output} exists; pass --overwrite to replace it")
-    ds = open_or_fail(image, hdu=_hdu(hdu))
-    cat = _read_catalog_or_fail(catalog) if catalog else None
+    opts = _storage_options(storage_option)
+    ds = open_or_fail(image, hdu=_hdu(hdu), storage_options=opts)
+    refuse_existing(output, overwrite, opts)  # before any computation
+    cat = _read_catalog_or_fail(catalog, opts) if catalog else None
     with ctx.client():
         try:
             psf = build_psf(ds, cat, size=size, degree=degree, model=model, oversampling=oversampling,
                             nx=ctx.nx, ny=ctx.ny, overlap=ctx.overlap)
         except ValueError as exc:
             fail(str(exc))
-    psf.to_fits(output, overwrite=True)
+    try:
+        # written locally, then published atomically (renamed, or uploaded in one PUT), never over an
+        # existing OUTPUT without --overwrite
+        with _fs.atomic_file(output, overwrite=overwrite, storage_options=opts, suffix=".fits") as tmp:
+            psf.to_fits(tmp, overwrite=True)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot write {output!r}: {exc}")
     click.echo(f"wrote {output} ({psf.kind} PSF, {psf.meta.get('n_stars')} stars, degree {psf.degree}, "
                f"FWHM at centre {psf.meta.get('fwhm_centre', float('nan')):.2f} px)")
     if plot:
@@ -506,24 +550,23 @@ def psf_cmd(ctx: Context, image: str, output: str, catalog: str | None, size: in
 @click.option("--box", default=None, type=click.IntRange(min=3), help="Fitting box side (px, default ~4 FWHM).")
 @click.option("--hdu", default=None, help="FITS extension of IMAGE.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@STORAGE_OPTION
 @pass_ctx
 def photometry_cmd(ctx: Context, image: str, psf_path: str, output: str, catalog: str | None, fixed_position: bool,
-                   box: int | None, hdu: str | None, overwrite: bool) -> None:
+                   box: int | None, hdu: str | None, overwrite: bool, storage_option) -> None:
     """PSF-fit photometry of the sources of IMAGE with a PSF model (per tile, grouped fits)."""
-    import os
-
     from .psf import load_psf, psf_photometry
     from .psf.model import detect_for_psf
 
-    if os.path.exists(output) and not overwrite:
-        fail(f"{output} exists; pass --overwrite to replace it")
-    ds = open_or_fail(image, hdu=_hdu(hdu))
+    opts = _storage_options(storage_option)
+    ds = open_or_fail(image, hdu=_hdu(hdu), storage_options=opts)
+    refuse_existing(output, overwrite, opts)  # before any computation
     try:
         psf = load_psf(psf_path)
     except (OSError, ValueError, TypeError) as exc:
         fail(f"cannot read PSF {psf_path!r}: {exc}")
     with ctx.client():
-        cat = _read_catalog_or_fail(catalog) if catalog else detect_for_psf(ds, nx=ctx.nx, ny=ctx.ny)
+        cat = _read_catalog_or_fail(catalog, opts) if catalog else detect_for_psf(ds, nx=ctx.nx, ny=ctx.ny)
         try:
             tab = psf_photometry(ds, cat, psf, fit_position=not fixed_position, nx=ctx.nx, ny=ctx.ny,
                                  overlap=ctx.overlap, box=box)
@@ -535,9 +578,9 @@ def photometry_cmd(ctx: Context, image: str, psf_path: str, output: str, catalog
         except ImportError:  # pragma: no cover
             write_table = None
         if write_table is not None:
-            write_table(tab, output, overwrite=True)
+            write_table(tab, output, overwrite=overwrite, storage_options=opts)
         else:  # pragma: no cover
-            tab.write(output, overwrite=True)
+            tab.write(output, overwrite=overwrite)
     except (OSError, ValueError) as exc:
         fail(f"cannot write {output!r}: {exc}")
     click.echo(f"wrote {output} ({len(tab)} sources)")
@@ -641,8 +684,15 @@ def subtract_cmd(ctx: Context, new: str, ref: str, output: str, method: str, fit
     from .subtract import find_transients, subtract
 
     opts = _storage_options(storage_option)
-    new_ds = open_or_fail(new, storage_options=opts)
-    ref_ds = open_or_fail(ref, storage_options=opts)
+    if method == "sfft" and (scale is not None or align):
+        fail("--scale and --align are options of --method zogy; SFFT fits the flux ratio itself and needs "
+             "images already on the same pixel grid")
+    # the gains go into the default variance maps (SFFT uses them as they are; ZOGY builds its own from them)
+    new_ds = open_or_fail(new, storage_options=opts, gain=new_gain)
+    ref_ds = open_or_fail(ref, storage_options=opts, gain=ref_gain)
+    for path in (output, fits_out, candidates):  # every output, before any computation
+        if path:
+            refuse_existing(path, overwrite, opts)
     kw: dict[str, Any] = {"nx": ctx.nx, "ny": ctx.ny, "overlap": ctx.overlap}
     if method == "zogy":
         kw.update(new_gain=new_gain, ref_gain=ref_gain, scale=scale, align=align, psf_method=psf_method)

@@ -122,10 +122,14 @@ def exists_error(url: str) -> FileExistsError:
     )
 
 
-def tmp_sibling(path: str, tag: str = "tmp") -> str:
-    """A hidden temporary name next to ``path`` (same folder, so a rename is atomic)."""
+def tmp_sibling(path: str, tag: str = "tmp", suffix: str = "") -> str:
+    """A hidden temporary name next to ``path`` (same folder, so a rename is atomic).
+
+    ``suffix`` ends the name (e.g. ``".fits.gz"``) for writers that choose the
+    format or the compression from the file name.
+    """
     parent, name = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:10]}")
+    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:10]}{suffix}")
 
 
 def remove_local(path: str) -> None:
@@ -179,7 +183,9 @@ def atomic_file(url: str, *, overwrite: bool, storage_options: dict[str, Any] | 
     Local targets: a hidden sibling renamed into place.  Remote targets: a
     local temporary file uploaded in one PUT (atomic on object stores), or to
     a temporary key then moved for other filesystems.  On any error the
-    temporary is removed and nothing appears under ``url``.
+    temporary is removed and nothing appears under ``url``.  The temporary
+    name ends with ``suffix`` in both cases (writers such as astropy choose
+    the format and gzip compression from it).
     """
     fs, path = get_fs(url, storage_options)
     lp = local_path(url)
@@ -187,7 +193,7 @@ def atomic_file(url: str, *, overwrite: bool, storage_options: dict[str, Any] | 
         check_local_parent(lp)
         if os.path.lexists(lp) and not overwrite:
             raise exists_error(url)
-        tmp = tmp_sibling(lp)
+        tmp = tmp_sibling(lp, suffix=suffix)
         try:
             yield tmp
             commit_local(tmp, lp, overwrite)

@@ -860,7 +860,10 @@ def write_fits(
     storage_options : dict, optional
         fsspec options for URLs.
     variables : sequence of str, optional
-        Variables to write (default: every 2-D ``(y, x)`` variable).
+        Variables to write (default: every 2-D variable on the dims and
+        shape of ``image``, or of the first ``(y, x)`` variable when there is
+        no ``image``; variables on other dims, such as PSF stamps, are left
+        out).  Named variables must be 2-D and of one shape.
 
     Returns
     -------
@@ -951,10 +954,18 @@ def _as_dask(a: Any) -> da.Array:
 def _choose_variables(ds: xr.Dataset, variables: Sequence[str] | None) -> list[str]:
     two_d = [k for k in ds.data_vars if ds[k].ndim == 2]
     if variables is None:
-        names = two_d
-        skipped = [k for k in ds.data_vars if k not in two_d]
+        # the image plane's (y, x): 'image' when present, else (y, x), else the first 2-D variable;
+        # PSF stamps, kernels and other 2-D variables on other dims are left out
+        ref = None
+        if "image" in two_d:
+            ref = ds["image"]
+        else:
+            ref = next((ds[k] for k in two_d if ds[k].dims == ("y", "x")), ds[two_d[0]] if two_d else None)
+        names = [k for k in two_d if ref is not None and ds[k].dims == ref.dims and ds[k].shape == ref.shape]
+        skipped = [k for k in ds.data_vars if k not in names]
         if skipped:
-            log.info("write_fits: skipping non-2-D variables %s", skipped)
+            log.info("write_fits: skipping variables %s (not on the image's %s grid; pass variables= to write them "
+                     "to a file of their own)", skipped, None if ref is None else dict(zip(ref.dims, ref.shape)))
     else:
         if isinstance(variables, str):
             variables = [variables]

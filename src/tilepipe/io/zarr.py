@@ -13,7 +13,11 @@ Atomicity: local stores are written under a hidden sibling name and renamed
 into place.  On URLs (object stores have no rename) the arrays are written
 first and the root ``zarr.json`` last: it is the completion marker, and
 :func:`read_zarr` refuses a store without it ("incomplete store").  A failed
-write removes what it wrote.
+write removes what it wrote.  Overwriting a store at a URL writes the new
+store under a hidden sibling prefix first (the old one stays readable, so a
+lazy product of the old store can be written back over it), then swaps the
+keys: old marker, old keys, new keys, new marker.  A failed write leaves the
+old store as it was.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 import warnings
 from typing import Any
 
@@ -126,6 +131,10 @@ def read_zarr(url: Any, storage_options: dict[str, Any] | None = None, chunks: A
     Every array of the root group becomes a dask-backed variable (dims from
     the Zarr ``dimension_names``; bool masks stay bool), group attributes
     become ``ds.attrs`` (``header`` cards, ``gain``, ``provenance``...).
+    A plain array store (no group), or the URL of one array of a group
+    (``store.zarr/mask``), becomes the single variable ``image`` (a 2-D array
+    without dimension names on dims ``("y", "x")``), so
+    :func:`tilepipe.open_image` opens it as an image.
 
     Parameters
     ----------
@@ -150,8 +159,10 @@ def read_zarr(url: Any, storage_options: dict[str, Any] | None = None, chunks: A
     attrs = dict(root.attrs)
     data_vars: dict[str, Any] = {}
     if isinstance(root, zarr.Array):
-        name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr") or "image"
-        data_vars[name] = (_dims(root), _dask_from(root, chunks))
+        # a plain array store (or the URL of one array of a group) is one image
+        data_vars["image"] = xr.Variable(
+            _dims(root), _dask_from(root, chunks), attrs={k: v for k, v in attrs.items() if k != "_ARRAY_DIMENSIONS"}
+        )
         attrs = {}
     else:
         for name, arr in sorted(root.arrays(), key=lambda kv: kv[0]):
@@ -210,7 +221,10 @@ def write_zarr(
     url : str or path
         Local path or fsspec URL (``memory://``, ``s3://bucket/key.zarr``...).
     overwrite : bool
-        Replace an existing store (default: ``FileExistsError``).
+        Replace an existing store (default: ``FileExistsError``).  The new
+        store is written completely beside the old one first, so a failed
+        write keeps the old store, and ``ds`` may be a lazy product of the
+        store it replaces (open, modify, write back to the same path or URL).
     storage_options : dict, optional
         fsspec options (credentials, endpoint); pickled to the workers.
     chunks : int or tuple, optional
@@ -264,20 +278,91 @@ def write_zarr(
             raise
         return url
     _fs.check_bucket(fs, path, url)
-    if fs.exists(path):
-        if not overwrite:
-            raise _fs.exists_error(url)
-        fs.rm(path, recursive=True)
-    try:
-        _write_store(ds, url, storage_options, chunks, comp, consolidated)
-    except BaseException:
+    if not fs.exists(path):
         try:
+            _write_store(ds, url, storage_options, chunks, comp, consolidated)
+        except BaseException:
+            _remove_remote(fs, path, url)
+            raise
+        return url
+    if not overwrite:
+        raise _fs.exists_error(url)
+    # the old store stays untouched (and readable: ds may be a lazy product of it) until the new
+    # one is complete under a hidden sibling prefix; only then are the keys swapped
+    tag = f"tmp-{uuid.uuid4().hex[:10]}"
+    tmp_url, tmp_path = _hidden_sibling(url, tag), _hidden_sibling(path, tag)
+    try:
+        _write_store(ds, tmp_url, storage_options, chunks, comp, consolidated)
+    except BaseException:
+        _remove_remote(fs, tmp_path, tmp_url)
+        raise
+    _replace_remote(fs, tmp_path, path, url)
+    return url
+
+
+def _hidden_sibling(url: str, tag: str) -> str:
+    """A hidden name next to ``url`` (same parent prefix): ``parent/.name.tag``."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.{tag}"
+
+
+def _remove_remote(fs: Any, path: str, url: str) -> None:
+    """Remove everything under ``path`` (best effort).
+
+    Tasks still running on other threads or workers may write a few more chunks after a
+    failure: keep removing until the prefix stayed empty for a moment (at most ~5 s).
+    """
+    gone = 0
+    for _ in range(50):
+        try:
+            fs.invalidate_cache()
             if fs.exists(path):
                 fs.rm(path, recursive=True)
+                gone = 0
+            else:
+                gone += 1
+        except FileNotFoundError:
+            gone += 1
         except Exception as exc:  # pragma: no cover - best effort
             log.warning("could not clean up the incomplete store %s: %s", url, exc)
-        raise
-    return url
+            return
+        if gone >= 3:
+            return
+        time.sleep(0.05)
+
+
+def _replace_remote(fs: Any, src: str, dst: str, url: str) -> None:
+    """Replace the store at ``dst`` by the complete store at ``src`` (object stores have no rename).
+
+    The old root ``zarr.json`` (the completion marker) goes first, so that readers see an
+    incomplete store rather than a mix while the keys change; then the old keys, then the new
+    ones are copied with the new root ``zarr.json`` last.  If this fails, the complete new store
+    is left at ``src`` and the error says so.
+    """
+    fs.invalidate_cache()
+    src_keys = sorted(k for k in fs.find(src) if not k.endswith("/"))
+    root = f"{src.rstrip('/')}/zarr.json"
+    if root not in src_keys:  # pragma: no cover - _write_store always writes it
+        raise RuntimeError(f"the new store at {src!r} has no root zarr.json; {url!r} was left unchanged")
+    src_keys.remove(root)
+    src_keys.append(root)  # the completion marker last
+    dst_keys = [f"{dst.rstrip('/')}/{k[len(src.rstrip('/')) + 1:]}" for k in src_keys]
+    try:
+        old_root = f"{dst.rstrip('/')}/zarr.json"
+        if fs.exists(old_root):
+            fs.rm_file(old_root)
+        fs.rm(dst, recursive=True)
+        fs.invalidate_cache()
+        if src_keys[:-1]:
+            fs.copy(src_keys[:-1], dst_keys[:-1], on_error="raise")
+        fs.copy(src_keys[-1:], dst_keys[-1:], on_error="raise")
+    except Exception as exc:
+        raise OSError(
+            f"could not move the new Zarr store into place at {url!r} ({type(exc).__name__}: {exc}); "
+            f"the complete new store is at {fs.unstrip_protocol(src)!r}: copy it to {url!r} by hand"
+        ) from exc
+    _remove_remote(fs, src, url)
+    fs.invalidate_cache()
 
 
 def _write_store(ds: xr.Dataset, url: str, storage_options: dict[str, Any] | None, chunks: Any, comp: Any,
