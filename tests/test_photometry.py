@@ -132,3 +132,75 @@ def test_photometry_bad_input(fields):
     t = Table({"x": [-50.0, 500.0], "y": [10.0, 500.0]})
     out = tp.aperture_photometry(ds, t, [3.0])
     assert np.isnan(out["flux"][0]) and out["flags"][0] & 16 and np.isfinite(out["flux"][1])
+
+
+def test_find_peaks_zero_d_threshold():
+    """A 0-d array threshold (e.g. ``5 * np.std(...)`` kept as an array) acts as the scalar."""
+    f = make_field((256, 256), seed=2, psf_variation=0.0, sky_gradient=0.0, n_stars=40, flux_range=(3e3, 1e5))
+    img = np.asarray(f.image["image"].values, dtype=np.float64) - np.asarray(f.sky)
+    rms = np.sqrt(np.median(np.asarray(f.image["variance"].values)))
+    thr = np.array(10.0 * rms)
+    assert thr.ndim == 0
+    got = tp.find_peaks(img, thr)
+    ref = tp.find_peaks(img, float(thr))
+    np.testing.assert_array_equal(np.asarray(got["x"]), np.asarray(ref["x"]))
+    np.testing.assert_array_equal(np.asarray(got["y"]), np.asarray(ref["y"]))
+    # every bright star of the truth (true peak > 3 x threshold) has a peak within 1 px
+    bright = f.stars[np.asarray(f.stars["peak"]) > 3 * thr]
+    assert len(bright) >= 5
+    d, _ = cKDTree(np.c_[got["x"], got["y"]]).query(np.c_[bright["x"], bright["y"]])
+    assert np.all(d < 1.0), d
+    with pytest.raises(ValueError, match="threshold"):
+        tp.find_peaks(img, np.ones((3, 3)))
+
+
+def _star_on_flat_sky(sky=1000.0, flux=5e4, sigma=1.5, x0=64.3, y0=63.8, n=128):
+    yy, xx = np.mgrid[0:n, 0:n]
+    star = flux / (2 * np.pi * sigma ** 2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma ** 2))
+    return star, (star + sky).astype(np.float32)
+
+
+def test_aperture_annulus_sky_uses_the_summed_area():
+    """Annulus sky x the area sep actually sums (subpix weights), so a flat sky cancels exactly.
+
+    Noise-free star on a flat sky of 1000: the flux must equal the aperture sum
+    of the star alone (same sep weights), for every radius, with the default
+    ``subpix=5`` whose weights do not add up to ``pi r^2``.
+    """
+    from astropy.table import Table
+    from tilepipe.image import make_dataset
+
+    star, img = _star_on_flat_sky()
+    ds = make_dataset(img, variance=np.ones_like(img))
+    cat = Table({"x": [64.3], "y": [63.8]})
+    radii = [3.0, 7.5, 10.0]
+    out = tp.aperture_photometry(ds, cat, radii, annulus=(15.0, 25.0))
+    assert out["annulus_sky"][0] == 1000.0 and out["flags"][0] == 0
+    for r in radii:
+        true_sum = sep.sum_circle(star, [64.3], [63.8], r, subpix=5)[0][0]
+        assert abs(out[f"flux_{tp.photometry._fmt(r)}"][0] - true_sum) < 0.05, (r, true_sum)
+
+
+def test_aperture_masked_pixels_are_filled_by_the_aperture_mean():
+    """Documented behaviour: sep scales the unmasked sum by (summed area / unmasked area), FLAG_MASKED set."""
+    from astropy.table import Table
+    from tilepipe.image import make_dataset
+
+    star, img = _star_on_flat_sky()
+    mask = np.zeros(img.shape, bool)
+    mask[50:80, 72] = True  # a bad column 8 px from the star: no star light in it
+    ds = make_dataset(img, mask=mask, variance=np.ones_like(img))
+    cat = Table({"x": [64.3], "y": [63.8]})
+    out = tp.aperture_photometry(ds, cat, 10.0, annulus=(15.0, 25.0))
+    assert out["flags"][0] & tp.photometry.FLAG_MASKED
+    ones = np.ones(img.shape)
+    area = sep.sum_circle(ones, [64.3], [63.8], 10.0, subpix=5)[0][0]
+    unmasked = sep.sum_circle(np.where(mask, 0.0, 1.0), [64.3], [63.8], 10.0, subpix=5)[0][0]
+    star_unmasked = sep.sum_circle(np.where(mask, 0.0, star), [64.3], [63.8], 10.0, subpix=5)[0][0]
+    assert area / unmasked > 1.03  # the column covers ~4 % of the aperture
+    np.testing.assert_allclose(out["flux"][0], star_unmasked * area / unmasked, rtol=1e-5)
+    # the variance map is summed the same way: flux_err^2 = (area / unmasked) * unmasked variance + sky term
+    var_sum = unmasked * area / unmasked
+    n = out["annulus_npix"][0]
+    sky_var = np.pi / 2 * n / n ** 2
+    np.testing.assert_allclose(out["flux_err"][0] ** 2, var_sum + area ** 2 * sky_var, rtol=1e-5)

@@ -294,3 +294,65 @@ def test_cli_psf_and_photometry(tmp_path, local_cluster):
     assert len(out) == int(np.sum(f.stars["snr"] > 30)) and "flux_err" in out.colnames
     r = runner.invoke(main, [*sched, "photometry", str(img), "--psf", str(img), "-o", str(tmp_path / "x.ecsv")])
     assert r.exit_code != 0 and "PSF" in r.output
+
+
+def test_psf_photometry_rows_off_the_image():
+    """Rows off the image get NaN flux with the edge and failed flags; the other rows are unchanged.
+
+    Off-image rows: two far outside (x = -30, x = 300), one whose fitting box
+    has no pixel on the image but lies within a box of a real S/N ~ 30 star
+    near the top edge (it must not spoil that star's fit), and one just below
+    the bottom edge whose box touches the image.
+    """
+    f = make_field((256, 256), 2, psf_variation=0.0, ellipticity=0.0, sky_gradient=0.0, fwhm=3.0, edge=2.0)
+    ds = f.image.assign(background=(f.image["image"].dims, f.sky))
+    psf = GaussianPSF(3.0)
+    stars = f.stars[np.asarray(f.stars["snr"]) > 20]["x", "y", "flux"]
+    top = int(np.argmax(np.asarray(stars["y"])))
+    assert stars["y"][top] > 250  # the star near the top edge
+    off = Table({"x": [-30.0, 300.0, float(stars["x"][top]) + 0.2, 120.0],
+                 "y": [50.0, 50.0, float(stars["y"][top]) + 12.4, -2.0],
+                 "flux": [1e3, 1e3, 1e3, 1e3]})
+    from astropy.table import vstack
+
+    cat = vstack([stars, off])
+    n = len(stars)
+    ph = psf_photometry(ds, cat, psf)
+    assert len(ph) == len(cat)
+    for col in ("flux", "flux_err"):
+        assert np.all(np.isnan(np.asarray(ph[col])[n:])), col
+    flags = np.asarray(ph["flags"])[n:]
+    assert np.all(flags & 1) and np.all(flags & 16)  # FLAG_EDGE and FLAG_FAILED (16: the others' edge bit)
+    assert np.all(np.asarray(ph["npix"])[n:] == 0)
+    # the on-image rows: exactly as without the off-image rows, and right
+    alone = psf_photometry(ds, stars, psf)
+    np.testing.assert_array_equal(np.asarray(ph["flags"])[:n], np.asarray(alone["flags"]))
+    for col in ("flux", "flux_err", "x_fit", "y_fit"):  # equal up to round-off
+        np.testing.assert_allclose(np.asarray(ph[col])[:n], np.asarray(alone[col]), rtol=1e-12, err_msg=col)
+    pull = (np.asarray(ph["flux"])[:n] - np.asarray(stars["flux"])) / np.asarray(ph["flux_err"])[:n]
+    assert np.all(np.isfinite(pull)) and np.all(np.abs(pull) < 5), pull
+    # tile invariant (to round-off, as test_psf_photometry_tiled_equals_whole)
+    tiled = psf_photometry(ds, cat, psf, nx=2, ny=2)
+    assert set(np.asarray(tiled["tile"])[:n]) != {0}
+    np.testing.assert_array_equal(np.asarray(tiled["flags"]), np.asarray(ph["flags"]))
+    for col in ("flux", "flux_err", "x_fit"):
+        np.testing.assert_allclose(np.asarray(tiled[col]), np.asarray(ph[col]), rtol=1e-9, err_msg=col)
+
+
+def test_select_saturated_with_background_variable():
+    """Saturation is tested on the raw pixels (stamp + background), not the sky-subtracted ones."""
+    f = make_field((512, 512), 3, fwhm=3.0, sky=2000.0, saturation=12000.0, n_stars=150, flux_range=(1e4, 3e6))
+    cat = f.stars["x", "y"]
+    sat = np.asarray(f.stars["saturated"])
+    assert sat.sum() >= 20
+    dsb = f.image.assign(background=(f.image["image"].dims, f.sky))
+    plain = select_stars(f.image, cat)
+    sel = select_stars(dsb, cat)
+    reason = np.asarray(sel["reason"])[sat]
+    assert np.mean(reason == "saturated") > 0.9, dict(zip(*np.unique(reason, return_counts=True)))
+    np.testing.assert_array_equal(reason, np.asarray(plain["reason"])[sat])
+    # the background variable changes no saturation verdict (also for the stars next to a saturated one)
+    np.testing.assert_array_equal(np.asarray(sel["reason"]) == "saturated", np.asarray(plain["reason"]) == "saturated")
+    # tolerating masked (saturated) pixels must not let saturated stars through
+    lax = select_stars(dsb, cat, central_tol=4)
+    assert not np.any(np.asarray(lax["keep"])[sat])

@@ -1028,15 +1028,20 @@ def find_peaks(
     neighbor_frac = check_positive("neighbor_frac", neighbor_frac, allow_zero=True)
     img, mask, _ = _image_and_mask(image)
     arrays = [img]
-    has_thr = not np.isscalar(threshold)
+    has_thr = not np.isscalar(threshold) and np.ndim(threshold) != 0  # a 0-d array is a scalar
     if has_thr:
         thr = threshold.data if isinstance(threshold, xr.DataArray) else threshold
         if tuple(np.shape(thr)) != tuple(img.shape):
-            raise ValueError(f"threshold has shape {np.shape(thr)} but the image has shape {img.shape}")
+            raise ValueError(f"threshold has shape {np.shape(thr)} but the image has shape {img.shape}; "
+                             "pass a number or a map shaped like the image")
         arrays.append(thr)
         thr_value = None
     else:
-        thr_value = float(threshold)  # type: ignore[arg-type]
+        try:
+            thr_value = float(threshold)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise TypeError(f"threshold must be a number or a 2-D array shaped like the image; got {threshold!r}") \
+                from None
         if not np.isfinite(thr_value):
             raise ValueError(f"threshold must be finite; got {threshold!r}")
     if mask is not None:

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 #: the aperture (or fitting box) extends beyond the image edge
 FLAG_EDGE = 16
-#: the aperture / box contains masked pixels (excluded from the sums)
+#: the aperture / box contains masked pixels (aperture sums: filled with the mean of the unmasked
+#: aperture pixels, see :func:`aperture_photometry`; Gaussian photometry: left out of the fit)
 FLAG_MASKED = 32
 #: no positive second-moment width could be measured (Gaussian photometry)
 FLAG_NO_SIGMA = 512
@@ -120,14 +121,19 @@ def _aperture_block(img, var, mask, *maybe_bkg, x, y, origin, shape, radii, annu
                 sky_var[i] = vv.sum() / vals.size ** 2
         out["annulus_sky"] = sky
         out["annulus_npix"] = nann
+    ones = np.ones(data.shape, dtype=np.float32) if annulus is not None else None
     for r in radii:
         # the variance map is summed with the same pixel weights as the image (no gain term:
         # the variance already holds the Poisson noise); the block edge is only reached at the
-        # image edge because overlap >= support, so sep's truncation flag means the image edge
+        # image edge because overlap >= support, so sep's truncation flag means the image edge.
+        # With masked pixels sep scales both sums by (area on the image / unmasked area).
         with _SEP_LOCK:
             s, _, f = sep.sum_circle(data, lx, ly, float(r), mask=bad, subpix=int(subpix))
             var_sum, _, _ = sep.sum_circle(v, lx, ly, float(r), mask=bad, subpix=int(subpix))
-        area = math.pi * r * r
+            # the area the sums cover: sep's pixel weights (subpix sampling, cut by the image edge),
+            # not pi r^2, so that a flat annulus sky cancels exactly
+            area = (np.asarray(sep.sum_circle(ones, lx, ly, float(r), subpix=int(subpix))[0], dtype=np.float64)
+                    if annulus is not None else 0.0)
         flux = np.asarray(s, dtype=np.float64) - area * sky
         err = np.sqrt(np.asarray(var_sum, dtype=np.float64) + area * area * sky_var)
         flags |= np.asarray(f, dtype=np.int32)
@@ -169,16 +175,29 @@ def aperture_photometry(
     """Circular-aperture photometry with errors, optional local sky annulus, tiled.
 
     The sum of the (background-subtracted) image in a circle of radius ``r``
-    around each position, with exact pixel/circle overlap (sep's
+    around each position, with pixel/circle overlap weights (sep's
     ``sum_circle``, ``subpix`` sub-sampling at the boundary)::
 
-        flux = sum_i w_i f_i - A * sky,           A = pi r^2
-        flux_err^2 = sum_i w_i var_i + A^2 var(sky)
+        flux = S - A * sky,                 S = (A / A_good) sum_{i good} w_i f_i
+        flux_err^2 = V + A^2 var(sky),      V = (A / A_good) sum_{i good} w_i var_i
 
-    where ``w_i`` is the pixel's fractional overlap with the aperture
-    (the variance map is summed with the same weights) and ``sky`` the local
-    annulus level (0 without ``annulus``).  Masked pixels (True = bad) are
-    excluded from the sums and set ``FLAG_MASKED`` (32).
+    where ``w_i`` is the pixel's fractional overlap with the aperture,
+    ``A = sum_i w_i`` over the aperture's pixels on the image (``pi r^2`` up
+    to the ``subpix`` sampling; less where the image edge cuts the aperture,
+    ``FLAG_EDGE``), ``A_good`` the same sum over the unmasked ones, and
+    ``sky`` the local annulus level (0 without ``annulus``).
+
+    Masked pixels (``mask`` True, or a non-finite image or variance, or a
+    negative variance) set ``FLAG_MASKED`` (32) and are **not** simply left
+    out: their values are ignored and sep scales the sums of the unmasked
+    pixels by ``A / A_good``, i.e. they are filled with the mean (per unit
+    area) of the unmasked aperture pixels.  A flat sky is then still
+    subtracted exactly, but the source flux is biased when the masked
+    pixels are brighter or fainter than the aperture mean (a masked core
+    under-, a masked wing over-estimates it), and ``V`` is the scaled
+    variance sum, not the variance ``(A / A_good)^2 sum w_i^2 var_i`` of the
+    scaled estimator, so ``flux_err`` is then too small by up to a factor
+    ``sqrt(A / A_good)``.  Treat ``FLAG_MASKED`` rows accordingly.
 
     Parameters
     ----------
@@ -216,7 +235,8 @@ def aperture_photometry(
         Input columns (for a Table) plus ``flux, flux_err``, ``flux_<r>,
         flux_err_<r>`` per radius, ``annulus_sky, annulus_npix`` (with an
         annulus) and ``flags`` (sep aperture bits; ``FLAG_EDGE`` = 16 aperture
-        off the image, ``FLAG_MASKED`` = 32).
+        cut by the image edge or position off the image (then NaN fluxes),
+        ``FLAG_MASKED`` = 32 masked pixels in the aperture, see above).
     """
     from .image import as_dataset
 

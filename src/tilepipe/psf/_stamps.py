@@ -33,10 +33,12 @@ def _cut_tile(img, msk, var, bkg, origin, xs, ys, half):
     msk = np.asarray(msk, dtype=bool)
     var = np.asarray(var, dtype=np.float32)
     if bkg is not None:
-        img = img - np.asarray(bkg, dtype=np.float32)
+        bkg = np.asarray(bkg, dtype=np.float32)
+        img = img - bkg
     n = 2 * half + 1
     k = len(xs)
     out_i = np.zeros((k, n, n), np.float32)
+    out_b = np.zeros((k, n, n), np.float32)
     out_m = np.ones((k, n, n), bool)
     out_v = np.zeros((k, n, n), np.float32)
     inside = np.zeros(k, bool)
@@ -53,13 +55,15 @@ def _cut_tile(img, msk, var, bkg, origin, xs, ys, half):
         out_i[j, sya - ya:syb - ya, sxa - xa:sxb - xa] = img[sya:syb, sxa:sxb]
         out_m[j, sya - ya:syb - ya, sxa - xa:sxb - xa] = msk[sya:syb, sxa:sxb]
         out_v[j, sya - ya:syb - ya, sxa - xa:sxb - xa] = var[sya:syb, sxa:sxb]
+        if bkg is not None:
+            out_b[j, sya - ya:syb - ya, sxa - xa:sxb - xa] = bkg[sya:syb, sxa:sxb]
         inside[j] = (xa >= 0) and (ya >= 0) and (xb <= w) and (yb <= h)
     bad = ~np.isfinite(out_i) | ~np.isfinite(out_v) | (out_v <= 0)
     out_m |= bad
     out_i[bad] = 0.0
     out_v[bad] = np.inf
     out_v[out_m] = np.inf
-    return out_i, out_m, out_v, inside
+    return out_i, out_m, out_v, out_b, inside
 
 
 def extract_stamps(ds: Any, x: np.ndarray, y: np.ndarray, half: int, *, nx: int = 1, ny: int | None = None,
@@ -71,8 +75,11 @@ def extract_stamps(ds: Any, x: np.ndarray, y: np.ndarray, half: int, *, nx: int 
     ``overlap >= half`` the stamps do not depend on the tiling.
 
     Returns a dict with ``image`` (background-subtracted when the Dataset has a
-    ``background`` variable), ``mask``, ``variance`` (inf where masked),
-    ``complete`` (stamp fully inside the image), ``ix, iy`` (integer centres).
+    ``background`` variable; 0 at bad pixels), ``background`` (the subtracted
+    background stamps, image units; 0 without a ``background`` variable, so
+    ``image + background`` is the raw image at good pixels), ``mask``,
+    ``variance`` (inf where masked), ``complete`` (stamp fully inside the
+    image), ``ix, iy`` (integer centres).
     """
     from ..tiling import TileGrid
 
@@ -89,6 +96,7 @@ def extract_stamps(ds: Any, x: np.ndarray, y: np.ndarray, half: int, *, nx: int 
     res_i = np.zeros((N, n, n), np.float32)
     res_m = np.ones((N, n, n), bool)
     res_v = np.full((N, n, n), np.inf, np.float32)
+    res_b = np.zeros((N, n, n), np.float32)
     complete = np.zeros(N, bool)
     owner = grid.owner(x, y) if N else np.zeros(0, int)
     img = ds["image"].data
@@ -105,8 +113,8 @@ def extract_stamps(ds: Any, x: np.ndarray, y: np.ndarray, half: int, *, nx: int 
         tasks.append(cut(img[t.outer], msk[t.outer], var[t.outer], b, t.origin, x[idx], y[idx], half))
         groups.append((t, idx))
     results = dask.compute(*tasks) if tasks else []
-    for (t, idx), (si, sm, sv, ins) in zip(groups, results):
-        res_i[idx], res_m[idx], res_v[idx] = si, sm, sv
+    for (t, idx), (si, sm, sv, sb, ins) in zip(groups, results):
+        res_i[idx], res_m[idx], res_v[idx], res_b[idx] = si, sm, sv, sb
         # a stamp cut by the outer box but not by the image edge means overlap < half
         oy0, ox0 = t.origin
         oh, ow = t.outer_shape
@@ -121,6 +129,7 @@ def extract_stamps(ds: Any, x: np.ndarray, y: np.ndarray, half: int, *, nx: int 
         "image": res_i,
         "mask": res_m,
         "variance": res_v,
+        "background": res_b,
         "complete": complete,
         "ix": np.floor(x + 0.5).astype(np.int64),
         "iy": np.floor(y + 0.5).astype(np.int64),

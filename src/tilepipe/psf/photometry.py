@@ -59,6 +59,12 @@ def _fit_group(img, msk, var, origin, xs, ys, f0, psf, box, fit_position, max_sh
     xb = min(int(ix.max()) + half + 1, w)
     ya = max(int(iy.min()) - half, 0)
     yb = min(int(iy.max()) + half + 1, h)
+    if xb <= xa or yb <= ya:
+        # no pixel of the group's boxes in this outer box (psf_photometry never sends such a group)
+        nan = np.full(K, np.nan)
+        return dict(x=xs.copy(), y=ys.copy(), flux=nan, flux_err=nan.copy(), x_err=nan.copy(), y_err=nan.copy(),
+                    sky=nan.copy(), chi2=nan.copy(), npix=np.zeros(K, np.int32),
+                    flags=np.full(K, FLAG_EDGE | FLAG_FAILED, np.int32))
     region = np.zeros((yb - ya, xb - xa), bool)
     for k in range(K):
         ra, rb = max(iy[k] - half, ya), min(iy[k] + half + 1, yb)
@@ -250,6 +256,16 @@ def psf_photometry(
         1 edge, 2 masked centre, 4 position held, 8 cut by halo, 16 failed),
         followed by the input columns (input ``flux, flux_err, flags, chi2``
         renamed with a ``_in`` suffix).
+
+        A row off the image (``floor(x + 0.5), floor(y + 0.5)`` outside it,
+        the rule of :func:`tilepipe.aperture_photometry`) is not measured:
+        NaN ``flux, flux_err, x_err, y_err, sky, chi2``, ``x_fit, y_fit`` =
+        the input position, ``npix`` 0, ``tile`` -1 and ``flags`` =
+        ``FLAG_EDGE | FLAG_FAILED`` (17; bit 16 is also the edge flag of
+        :func:`tilepipe.aperture_photometry`).  If its fitting box still
+        reaches the image it is fitted with its neighbours, so that its
+        light on the image is modelled, but its own result is discarded; if
+        the box misses the image it takes no part in any fit.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -291,14 +307,27 @@ def psf_photometry(
     f0 = np.asarray(t_in["flux"], float) if "flux" in t_in.colnames else np.ones(N)
     f0 = np.where(np.isfinite(f0), f0, 0.0)
 
+    # rows off the image (rounded centre outside it) are not measured; rows whose fitting box has
+    # no pixel on the image cannot be fitted at all and take no part in the grouping either
+    half = box // 2
+    ixr = np.floor(xs + 0.5)
+    iyr = np.floor(ys + 0.5)
+    off_image = (ixr < 0) | (ixr > shape[1] - 1) | (iyr < 0) | (iyr > shape[0] - 1)
+    no_pixels = ((ixr + half < 0) | (ixr - half > shape[1] - 1) | (iyr + half < 0) | (iyr - half > shape[0] - 1))
+    fit_rows = np.flatnonzero(~no_pixels)
     # groups: connected components of overlapping boxes (Chebyshev distance < box)
-    if N:
-        pairs = cKDTree(np.column_stack([xs, ys])).query_pairs(r=box, p=np.inf, output_type="ndarray")
-        adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(N, N)) if len(pairs) else \
-            coo_matrix((N, N))
-        ngroups, label = connected_components(adj, directed=False)
-    else:
-        ngroups, label = 0, np.zeros(0, int)
+    label = np.arange(N)  # rows without pixels: a group of their own
+    if fit_rows.size:
+        M = fit_rows.size
+        pairs = cKDTree(np.column_stack([xs[fit_rows], ys[fit_rows]])).query_pairs(r=box, p=np.inf,
+                                                                                   output_type="ndarray")
+        adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(M, M)) if len(pairs) else \
+            coo_matrix((M, M))
+        _, sub_label = connected_components(adj, directed=False)
+        label[fit_rows] = fit_rows[np.unique(sub_label, return_index=True)[1]][sub_label]
+    # number the groups 0.. in order of their first row (the labels are first-row indices)
+    label = np.unique(label, return_inverse=True)[1].reshape(-1)
+    ngroups = int(label.max()) + 1 if N else 0
     members_of = [[] for _ in range(ngroups)]
     for i, g in enumerate(label):
         members_of[g].append(i)
@@ -306,9 +335,10 @@ def psf_photometry(
     owner = grid.owner(xs, ys) if N else np.zeros(0, int)
     tile_groups: dict[int, list[np.ndarray]] = {}
     tile_halo: dict[int, list[bool]] = {}
-    half = box // 2
     for g, mem in enumerate(members_of):
         mem = np.asarray(mem, int)
+        if off_image[mem].all():
+            continue  # nothing on the image to measure (filled in below)
         ref = mem[np.argmax(f0[mem])] if len(mem) > 1 else mem[0]
         t = int(owner[ref])
         if t < 0:
@@ -350,6 +380,14 @@ def psf_photometry(
             out["npix"][members] = r["npix"]
             out["flags"][members] = r["flags"]
             out["tile"][members] = t
+    # rows off the image: not measured (a box reaching the image was fitted only to model its light)
+    for k in ("x_err", "y_err", "flux", "flux_err", "sky", "chi2"):
+        out[k][off_image] = np.nan
+    out["x_fit"][off_image] = xs[off_image]
+    out["y_fit"][off_image] = ys[off_image]
+    out["npix"][off_image] = 0
+    out["flags"][off_image] = FLAG_EDGE | FLAG_FAILED
+    out["tile"][off_image] = -1
     res_t = Table()
     for k in ("x_fit", "y_fit", "x_err", "y_err", "flux", "flux_err", "sky", "chi2", "npix", "group", "tile", "flags"):
         res_t[k] = out[k]

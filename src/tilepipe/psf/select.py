@@ -138,7 +138,10 @@ def select_stars(
     plot : path, optional
         Write a PNG of kept and rejected stamps (with reasons).
     saturation : float, optional
-        Saturation level (image units); default ``ds.attrs["saturation"]``.
+        Saturation level (image units, raw pixel values as read, i.e. before
+        any ``background`` variable is subtracted); default
+        ``ds.attrs["saturation"]``.  A source is ``"saturated"`` when a pixel
+        within ``0.25 * size`` of its centre reaches ``0.999 * saturation``.
     nx, ny, overlap : int
         Tiles used to cut the stamps (map -> gather); ``overlap`` defaults to
         ``size // 2 + 1``.
@@ -242,9 +245,9 @@ def select_stars(
     r_c = 0.25 * size
     central = (rr <= r_c)[0]
     if saturation is not None:
-        raw = img[:, central]  # local stamp values (image units, before the stamp sky)
-        if "background" in ds:
-            raw = raw + 0.0  # image was background-subtracted by extract_stamps: compare above sky
+        # raw pixel values (image units): extract_stamps subtracted ds["background"] when present,
+        # and the saturation level applies to the pixels as read, so add it back
+        raw = img[:, central] + st["background"][:, central].astype(np.float64)
         sat = np.nanmax(np.where(np.isfinite(raw), raw, -np.inf), axis=1) >= 0.999 * float(saturation)
         reject(sat, "saturated")
     if "saturated" in t.colnames:
