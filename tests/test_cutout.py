@@ -309,3 +309,77 @@ def test_batch_s3(field, bucket, tmp_path):
         with fits.open(fh) as h:
             single = cutout(ds, x=pos[1][0], y=pos[1][1], size=31, unit="pix")
             np.testing.assert_array_equal(h["IMAGE"].data, single["image"].values)
+
+
+class FailingArray(RecordingArray):
+    """Reads fail for regions reaching x >= ``fail_x`` (a lost object, a dead disk)."""
+
+    def __init__(self, data, fail_x):
+        super().__init__(data)
+        self.fail_x = fail_x
+
+    def __getitem__(self, key):
+        xs = key[1] if isinstance(key, tuple) and len(key) > 1 else slice(None)
+        if isinstance(xs, slice) and (xs.stop or self.shape[1]) > self.fail_x and (xs.stop is None or xs.stop > xs.start):
+            raise OSError("simulated read failure")
+        return super().__getitem__(key)
+
+
+def _zarr_leftovers(folder, name):
+    return sorted(p.name for p in folder.iterdir() if name in p.name)
+
+
+def test_batch_zarr_trim_refused_and_origins_recorded(field, tmp_path):
+    """Zarr slots are fixed-size: partial='trim' is refused up front (nothing written); the recorded
+    origins are those of the cutouts (padded origin at the edge, -1 for targets not cut)."""
+    import zarr
+
+    ds, _ = field
+    cat = Table({"x": [100.0, 3.0, 300.0], "y": [100.0, 5.0, 508.0]})
+    out = tmp_path / "trim.zarr"
+    with pytest.raises(ValueError, match=r"partial='trim'.*Zarr.*partial='pad'.*FITS"):
+        cutouts(ds, cat, 21, unit="pix", partial="trim", output=str(out))
+    assert not out.exists() and _zarr_leftovers(tmp_path, "trim.zarr") == []
+    # FITS folder: trimmed cutouts carry the trimmed origin
+    t = cutouts(ds, cat, 21, unit="pix", partial="trim", output=str(tmp_path / "trim_fits"))
+    assert list(t["x0"]) == [90, 0, 290] and list(t["y0"]) == [90, 0, 498]
+    with fits.open(t["path"][1]) as h:
+        assert h["IMAGE"].data.shape == (16, 14)
+        assert h["IMAGE"].header["CUTX0"] == 0 and h["IMAGE"].header["CUTY0"] == 0
+    # Zarr with padding: the origin is the padded one, as in the table and in cutout()
+    for partial, expect in (("pad", ([90, -7, 290], [90, -5, 498])), ("error", ([90, -1, -1], [90, -1, -1]))):
+        out = tmp_path / f"{partial}.zarr"
+        t = cutouts(ds, cat, 21, unit="pix", partial=partial, output=str(out))
+        root = zarr.open_group(str(out), mode="r")
+        assert root.attrs["complete"] is True
+        assert list(root["x0"][:]) == list(t["x0"]) == expect[0], partial
+        assert list(root["y0"][:]) == list(t["y0"]) == expect[1], partial
+    single = cutout(ds, x=3.0, y=5.0, size=21, unit="pix")
+    assert list(single.attrs["origin"]) == [-5, -7]
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "pad.zarr"), mode="r")["image"][1],
+                                  single["image"].values)
+
+
+def test_batch_zarr_failure_leaves_no_half_written_store(field, tmp_path):
+    import zarr
+
+    ds0, _ = field
+    cat = Table({"x": [100.0, 450.0], "y": [100.0, 300.0]})
+    bad = tp.open_image(da.from_array(FailingArray(ds0["image"].values, fail_x=400), chunks=64, asarray=False))
+    out = tmp_path / "cuts.zarr"
+    with pytest.raises(OSError, match="simulated"):
+        cutouts(bad, cat, 21, unit="pix", output=str(out))
+    assert not out.exists() and _zarr_leftovers(tmp_path, "cuts.zarr") == []
+    # a complete previous store survives a failed overwrite, unchanged
+    good = cutouts(ds0, cat, 21, unit="pix", output=str(out))
+    assert list(good["status"]) == ["ok", "ok"]
+    before = zarr.open_group(str(out), mode="r")["image"][:]
+    with pytest.raises(OSError, match="simulated"):
+        cutouts(bad, cat, 21, unit="pix", output=str(out), overwrite=True)
+    root = zarr.open_group(str(out), mode="r")
+    assert root.attrs["complete"] is True
+    np.testing.assert_array_equal(root["image"][:], before)
+    assert _zarr_leftovers(tmp_path, "cuts.zarr") == ["cuts.zarr"]
+    # without overwrite an existing store is refused before anything is written
+    with pytest.raises(FileExistsError, match="overwrite"):
+        cutouts(ds0, cat, 21, unit="pix", output=str(out))

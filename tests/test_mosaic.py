@@ -251,3 +251,46 @@ def test_cli_mosaic(exposures, tmp_path, client):
     bad = CliRunner().invoke(main, ["--no-progress", "--scheduler", client.scheduler.address, "mosaic", paths[0],
                                     str(nowcs), "-o", str(tmp_path / "x.zarr")])
     assert bad.exit_code != 0 and "no celestial WCS" in bad.output
+
+
+def test_noise_levels_ignore_sky_gradient_and_stars(exposures):
+    """The inputs carry a ~300 ADU sky gradient and stars on 5 ADU of noise: ``sigmas`` must be the noise."""
+    e = exposures
+    m = mosaic(e["exps"], wcs_out=e["wcs"], tile_size=512, reference=0)
+    np.testing.assert_allclose(m.attrs["sigmas"], NOISE, rtol=0.03)
+    m = m.compute()
+    # one exposure, far from its edges: the reported variance is that input's noise variance
+    from scipy import ndimage
+
+    cov = m["coverage"].values
+    one = ndimage.binary_erosion(cov == 1, iterations=3)
+    np.testing.assert_allclose(np.median(m["variance"].values[one]), NOISE**2, rtol=0.06)
+    two = ndimage.binary_erosion(cov == 2, iterations=3)
+    np.testing.assert_allclose(np.median(m["variance"].values[two]), NOISE**2 / 2, rtol=0.06)
+    # fluxes scale the inputs and their noise
+    m2 = mosaic(e["exps"], wcs_out=e["wcs"], tile_size=512, reference=0, fluxes=[2.0, 1.0, 1.0, 1.0])
+    assert abs(m2.attrs["sigmas"][0] - NOISE / 2) < 0.03 * NOISE
+
+
+def test_proper_variance_tile_invariant_and_exact(exposures):
+    """combine="proper": the variance is the same whatever tile_size (tile invariance) and is right.
+
+    Outside an input's footprint its pixels are filled from the other inputs
+    (tilepipe.coadd); the filled pixels are copies of their noise, so where a
+    single input covers the sky the coadd variance is that input's σ², and
+    where two do it is σ²/2 (equal PSFs: the ZO17 filter is then all-pass).
+    """
+    from scipy import ndimage
+
+    e = exposures
+    a = mosaic(e["exps"], wcs_out=e["wcs"], tile_size=64, reference=0, combine="proper").compute()
+    b = mosaic(e["exps"], wcs_out=e["wcs"], tile_size=512, reference=0, combine="proper").compute()
+    np.testing.assert_allclose(a["image"].values, b["image"].values, rtol=0, atol=1e-4 * NOISE)
+    np.testing.assert_allclose(a["variance"].values, b["variance"].values, rtol=1e-4, atol=1e-6 * NOISE**2)
+    cov = b["coverage"].values
+    sig2 = np.asarray(b.attrs["sigmas"]) ** 2
+    one = ndimage.binary_erosion(cov == 1, iterations=20)
+    two = ndimage.binary_erosion(cov == 2, iterations=20)
+    assert one.sum() > 1000 and two.sum() > 500
+    np.testing.assert_allclose(b["variance"].values[one], sig2.mean(), rtol=0.02)
+    np.testing.assert_allclose(b["variance"].values[two], sig2.mean() / 2, rtol=0.02)

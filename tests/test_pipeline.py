@@ -341,3 +341,65 @@ def test_missing_bucket_fails_before_any_work(night, s3_server, client):
     }
     with pytest.raises(PermissionError, match="tilepipe-no-such-bucket"):
         run_pipeline(cfg, client=client)
+
+
+@pytest.fixture
+def synchronous():
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "memory-fs"])
+def test_failed_forced_rerun_keeps_the_previous_product(night, tmp_path, synchronous, remote):
+    """force=True replaces a complete product only once the new one is complete."""
+    import shutil
+    import uuid
+
+    import fsspec
+
+    raw = tmp_path / "exp0.fits"
+    shutil.copy(night / "raw" / "exp0.fits", raw)
+    out = f"memory://tp-{uuid.uuid4().hex[:8]}/out" if remote else str(tmp_path / "out")
+    fs, root = fsspec.core.url_to_fs(out)
+    cfg = _config(night, out, steps={"background": {"mesh": 32}}, quicklook=False, nx=1, ny=1, overlap=0)
+    cfg["exposures"]["paths"] = [str(raw)]
+
+    def product():
+        marker = json.loads(fs.cat_file(f"{root}/exp0/_COMPLETE.json"))
+        files = sorted(p.split("/exp0/", 1)[1] for p in fs.find(f"{root}/exp0"))
+        return marker, files
+
+    s1 = run_pipeline(cfg, client=_NoClient())
+    assert s1["n_done"] == 1, s1["exposures"]
+    rec1, files1 = product()
+    # the raw file becomes unreadable; a forced re-run fails
+    good = raw.read_bytes()
+    raw.write_bytes(b"SIMPLE  =                    T" + b"\0" * 100)
+    s2 = run_pipeline(cfg, client=_NoClient(), force=True)
+    assert s2["n_failed"] == 1
+    rec2, files2 = product()
+    assert rec2 == rec1 and files2 == files1
+    img = tp.open_image(f"{out}/exp0/products.zarr")
+    assert img["image"].shape == (SIZE, SIZE) and "background" in img
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == ["exp0", "summary.html", "summary.json"]
+    # a successful forced re-run replaces it
+    raw.write_bytes(good)
+    s3 = run_pipeline(cfg, client=_NoClient(), force=True)
+    assert s3["n_done"] == 1
+    rec3, files3 = product()
+    assert rec3["finished"] != rec1["finished"] and files3 == files1
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == ["exp0", "summary.html", "summary.json"]
+
+
+def test_subtract_step_options_override_run_tiling(night, tmp_path, synchronous):
+    """[steps] subtract = {nx = ...} must not collide with the [run] tiling (duplicate keyword)."""
+    cfg = _config(night, tmp_path / "out", steps={"subtract": {"method": "zogy", "nx": 1, "overlap": 48}},
+                  quicklook=False)
+    cfg["exposures"]["paths"] = [str(night / "raw" / "exp0.fits")]
+    s = run_pipeline(cfg, client=_NoClient())
+    assert s["n_done"] == 1, s["exposures"][0]["error"]
+    prod = tp.open_image(str(tmp_path / "out" / "exp0" / "products.zarr"))
+    grid = prod.attrs["subtraction"]["grid"]
+    assert grid["nx"] == 1 and grid["ny"] == 2 and list(grid["overlap"]) == [48, 48]

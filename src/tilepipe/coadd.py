@@ -46,6 +46,22 @@ by ``F_j`` times the inverse-variance weighted mean of the *other* images at
 that pixel, so it adds no information of its own.  Where every image is
 masked the coadd is 0 and ``mask`` is True.  ``nexp`` counts the valid
 images per pixel.
+
+Variance
+--------
+``variance`` is the exact propagation of the inputs' ``variance`` maps
+(pixels independent) through the linear operator that makes the coadd.
+A filled pixel is a linear combination of the *other* images' pixels, not
+an independent draw, so input ``i``'s pixel ``y`` enters output pixel ``x``
+with the total weight ``A_i(x, y) = Σ_j k_j(x - y) B_ji(y)``, where
+``B_ji = δ_ij v_j + (1 - v_j) F_j c_i`` (``v`` the validity maps,
+``c_i = (F_i/σ_i²) v_i / Σ_l (F_l²/σ_l²) v_l`` the weighted-mean weights),
+and ``variance = Σ_i Σ_y var_i(y) A_i(x, y)² / F_R²``.  Expanded, this is
+``Σ_j k_j² * Q_jj + 2 Σ_{j<l} (k_j k_l) * Q_jl`` with per-pixel maps
+``Q_jl = Σ_i var_i B_ji B_li`` (see ``_proper_variance``): the cross terms
+are convolutions with products of kernels and vanish where no image is
+masked, where the result is ZO17's ``1 / F_R²`` for ``var_j = σ_j²``.  It
+ignores only the uncertainty of the backgrounds, flux scales and PSFs.
 """
 
 from __future__ import annotations
@@ -312,6 +328,60 @@ def estimate_scales(
 
 
 # -------------------------------------------------------------------- tiling
+def _proper_variance(kernels: Sequence[np.ndarray], valid: Sequence[np.ndarray], varis: Sequence[np.ndarray],
+                     F: np.ndarray, w: np.ndarray, wsum: np.ndarray, wvar: np.ndarray) -> np.ndarray:
+    """Exact per-pixel variance of ``R = Σ_j k_j * m_j`` with masked pixels filled from the other images.
+
+    ``k_j`` are the proper-coaddition filters of Zackay & Ofek (2017, ApJ 836,
+    188, Eq. 8; :func:`proper_kernels`); ``R / F_R`` is the coadd.
+
+    A filled pixel ``m_j(y) = F_j Σ_i c_i(y) M_i(y)`` (``c_i = w_i v_i / (F_i Σ_l w_l v_l)``,
+    ``v_i`` the validity maps, ``w_i = F_i²/σ_i²``) is a copy of the other
+    images' noise, not an independent draw, so ``m_j = Σ_i B_ji M_i`` with
+    ``B_ji = δ_ij v_j + (1 - v_j) F_j c_i`` and, for independent input pixels
+    of variance ``var_i``,
+
+    .. math::
+
+        V(x) = \\sum_i \\sum_y var_i(y) A_i(x, y)^2, \\qquad
+        A_i(x, y) = \\sum_j k_j(x - y) B_{ji}(y)
+
+    .. math::
+
+        V = \\sum_j k_j^2 * Q_{jj} + 2 \\sum_{j<l} (k_j k_l) * Q_{jl}, \\qquad
+        Q_{jl} = \\sum_i var_i B_{ji} B_{li}
+
+    (``*`` convolution, ``k_j k_l`` the pixel-wise product of the kernels):
+    ``Q_jj = v_j var_j + (1 - v_j) F_j² wvar`` and, for ``j ≠ l``,
+    ``Q_jl = v_j (1 - v_l) F_l c_j var_j + v_l (1 - v_j) F_j c_l var_l
+    + (1 - v_j)(1 - v_l) F_j F_l wvar`` with ``wvar = Σ_i c_i² var_i``.  The
+    cross terms vanish where both images are valid; pairs with no masked
+    pixel in the tile cost nothing.
+    """
+    from scipy.signal import fftconvolve
+
+    n = len(kernels)
+    shape = valid[0].shape
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv = np.where(wsum > 0, 1.0 / np.where(wsum > 0, wsum, 1.0), 0.0)
+    c = [w[i] * valid[i] * inv / F[i] for i in range(n)]
+    V = np.zeros(shape)
+    for j in range(n):
+        q = np.where(valid[j], varis[j], F[j] ** 2 * wvar)
+        V += fftconvolve(q, kernels[j] ** 2, mode="same")
+    for j in range(n):
+        for k in range(j + 1, n):
+            if valid[j].all() and valid[k].all():
+                continue
+            q = (valid[j] & ~valid[k]) * (F[k] * c[j] * varis[j])
+            q = q + (valid[k] & ~valid[j]) * (F[j] * c[k] * varis[k])
+            q = q + (~valid[j] & ~valid[k]) * (F[j] * F[k] * wvar)
+            if not q.any():
+                continue
+            V += 2.0 * fftconvolve(q, kernels[j] * kernels[k], mode="same")
+    return V
+
+
 def _coadd_tile(*blocks: np.ndarray, tile: Any, n: int, method: str, F: np.ndarray, sig: np.ndarray,
                 bkg: Sequence[Any], n_bkg_arr: int, psfs: Sequence[Any], G: int) -> tuple[np.ndarray, ...]:
     from scipy.signal import fftconvolve
@@ -362,12 +432,10 @@ def _coadd_tile(*blocks: np.ndarray, tile: Any, n: int, method: str, F: np.ndarr
         stamps = [_stamp(p, xc, yc, j) for j, p in enumerate(psfs)]
         kernels, _, FR = proper_kernels(stamps, F, sig, G)
         R = np.zeros(imgs[0].shape)
-        V = np.zeros(imgs[0].shape)
         for j in range(n):
             mj = np.where(valid[j], M[j], F[j] * wmean)
-            vj = np.where(valid[j], varis[j], F[j] ** 2 * wvar)
             R += fftconvolve(mj, kernels[j], mode="same")
-            V += fftconvolve(vj, kernels[j] ** 2, mode="same")
+        V = _proper_variance(kernels, valid, varis, F, w, wsum, wvar)
         out = R / FR
         var = np.clip(V, 0, None) / FR**2
         out = np.where(any_ok, out, 0.0)
@@ -376,8 +444,15 @@ def _coadd_tile(*blocks: np.ndarray, tile: Any, n: int, method: str, F: np.ndarr
 
 # ----------------------------------------------------------------------- API
 def _sample_stats(dss: Sequence[xr.Dataset], backgrounds: Sequence[Any], max_sample: int = 1_000_000) -> list[tuple[float, float]]:
-    """Global robust (sky, sigma) of each image from a strided sample (one compute)."""
+    """Global robust (sky, sigma) of each image from a strided sample (one compute).
+
+    ``sky`` is the sigma-clipped median of the sample (0 for a given
+    background); ``sigma`` comes from differences of sample pixels at least
+    4 px apart (:func:`tilepipe.image._sky_and_noise`), so a sky gradient
+    left in the image (a constant background) is not counted as noise.
+    """
     from .cutout import _clipped_stats
+    from .image import _sky_and_noise
 
     shape = dss[0]["image"].shape
     stride = max(1, int(math.ceil(math.sqrt(shape[0] * shape[1] / max_sample))))
@@ -394,10 +469,8 @@ def _sample_stats(dss: Sequence[xr.Dataset], backgrounds: Sequence[Any], max_sam
         ok = ~np.asarray(bad) & np.isfinite(sub)
         if bs is not None:
             sub = sub - np.asarray(bs, np.float64)
-            out.append((0.0, _clipped_stats(sub[ok])[1]))
-        else:
-            med, s = _clipped_stats(sub[ok])
-            out.append((med, s))
+        sigma = float(_sky_and_noise(np.where(ok, sub, np.nan), stride)[1])
+        out.append((0.0 if bs is not None else float(_clipped_stats(sub[ok])[0]), sigma))
     return out
 
 
@@ -443,8 +516,9 @@ def coadd(
         ``F = 1``).  Default: measured on bright stars, relative to
         ``images[reference]`` (global, one number per image).
     sigmas : sequence of float, optional
-        Background noise ``σ_j`` (image units).  Default: global sigma-clipped,
-        MAD-based rms of the background-subtracted image.
+        Background noise ``σ_j`` (image units).  Default: the robust rms of
+        differences of pixels at least 4 px apart (÷ √2) in a strided sample
+        of the background-subtracted image (insensitive to sky gradients).
     backgrounds : sequence, optional
         Per image a constant or a 2-D array subtracted first.  Default: the
         Dataset's ``background`` variable when it has one, else a global
@@ -461,7 +535,8 @@ def coadd(
     -------
     xarray.Dataset
         Lazy ``coadd`` (float32), ``variance`` (float32, per pixel, propagated
-        from the inputs' ``variance`` through the linear filters), ``mask``
+        exactly from the inputs' ``variance`` through the linear filters,
+        masked-pixel filling included: see the module docstring), ``mask``
         (True where no image is valid), ``nexp`` (int16) on ``("y", "x")``;
         ``psf`` on ``("tile", "py", "px")``: the coadd PSF at each tile centre
         (coordinates ``tile_x``, ``tile_y``).  attrs: ``method``, ``fluxes``,

@@ -967,6 +967,7 @@ def _group_task(
     storage_options: dict[str, Any] | None,
     overwrite: bool,
     psf: Any,
+    target: str | None = None,
 ) -> list[dict[str, Any]]:
     region = _Region(region_origin, shape, **{n: np.asarray(p) for n, p in zip(names, pieces)})
     results = []
@@ -974,7 +975,7 @@ def _group_task(
     if fmt == "zarr":
         import zarr
 
-        root = zarr.open_group(_zarr_store(output, storage_options), mode="r+")
+        root = zarr.open_group(_zarr_store(target or output, storage_options), mode="r+")
         zarrays = {k: root[k] for k in ("image", "mask", "sigma")}
     for row in rows:
         res = dict(row)
@@ -1012,6 +1013,49 @@ def _zarr_store(path: str, storage_options: dict[str, Any] | None) -> Any:
         lp = path.split("://", 1)[1] if path.startswith("file://") else path
         return zarr.storage.LocalStore(lp)
     return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options or {})
+
+
+def _zarr_begin(output: str, storage_options: dict[str, Any] | None, overwrite: bool, temporary: bool = True) -> str:
+    """Where to write a batch Zarr store: a hidden temporary sibling of a local ``output``, else ``output``.
+
+    An existing ``output`` without ``overwrite`` is refused before anything is
+    written.  Local stores are published by :func:`_zarr_commit` only once
+    complete, so a failure leaves no half-written store (and, with
+    ``overwrite``, the previous store intact); remote stores are written in
+    place and removed again on failure.
+    """
+    from .io._fs import exists_error, local_path, tmp_sibling
+
+    lp = local_path(output)
+    if lp is None:
+        return output
+    if os.path.lexists(lp) and not overwrite:
+        raise exists_error(output)
+    parent = os.path.dirname(lp) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tmp_sibling(lp) if temporary else output
+
+
+def _zarr_commit(target: str, output: str, overwrite: bool) -> None:
+    from .io._fs import commit_local, local_path
+
+    if target != output:
+        commit_local(target, local_path(output), overwrite)
+
+
+def _zarr_abort(target: str, output: str, storage_options: dict[str, Any] | None) -> None:
+    """Remove the store of a failed batch: the temporary one, or the remote ``output`` written in place."""
+    from .io._fs import get_fs, remove_local
+
+    if target != output:
+        remove_local(target)
+        return
+    try:
+        fs, path = get_fs(output, storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - best effort; the store carries no complete=True attribute
+        log.warning("cutouts: could not remove the incomplete store %s: %s", output, exc)
 
 
 def _read_catalog(catalog: Any) -> Table:
@@ -1110,6 +1154,13 @@ def cutouts(
     output = os.fspath(output)
     out_opts = storage_options if output_storage_options is None else output_storage_options
     fmt = "zarr" if output.rstrip("/").endswith(".zarr") else "fits"
+    if fmt == "zarr" and partial == "trim":
+        raise ValueError(
+            f"partial='trim' cannot be written to the Zarr output {output!r}: its cutouts share one fixed-size "
+            "array (one slot of size x size per target), and a trimmed cutout is smaller. Use partial='pad' "
+            "(edge cutouts padded to full size, padded pixels masked, x0/y0 the padded origin), "
+            "partial='error', or write trimmed cutouts to a folder of FITS files (output without '.zarr')"
+        )
     cat = _read_catalog(catalog)
     if isinstance(src, xr.Dataset):
         ds = src if "mask" in src else open_image(src)
@@ -1154,22 +1205,27 @@ def cutouts(
     base_rows = []
     for i in range(len(xs)):
         base_rows.append(dict(index=i, name=names[i], x=float(xs[i]), y=float(ys[i]), ra=float(ra[i]), dec=float(dec[i])))
+    target = output  # where the Zarr store is written (a hidden temporary sibling for local outputs)
     if fmt == "zarr":
         import zarr
 
-        store = _zarr_store(output, out_opts)
-        root = zarr.open_group(store, mode="w" if overwrite else "w-")
-        n = len(xs)
-        for k, dt in (("image", "float32"), ("mask", "uint8"), ("sigma", "float32")):
-            root.create_array(k, shape=(n, ny, nx), chunks=(1, ny, nx), dtype=dt, fill_value=0)
-        for k, v in (("x", xs), ("y", ys), ("ra", ra), ("dec", dec)):
-            root.create_array(k, shape=(n,), dtype="float64")[:] = np.asarray(v, float)
-        x0s = np.array([_box(a, b, ny, nx)[2] for a, b in zip(xs, ys)], dtype=np.int64) if n else np.zeros(0, np.int64)
-        y0s = np.array([_box(a, b, ny, nx)[0] for a, b in zip(xs, ys)], dtype=np.int64) if n else np.zeros(0, np.int64)
-        root.create_array("x0", shape=(n,), dtype="int64")[:] = x0s
-        root.create_array("y0", shape=(n,), dtype="int64")[:] = y0s
-        root.attrs.update({"header": cards, "names": names, "size": [ny, nx], "mask_convention": "1 = bad",
-                           "wcs_note": "cutout i's WCS = header with CRPIX1 -= x0[i], CRPIX2 -= y0[i]"})
+        # compute=False: the caller runs the tasks, so they write straight into output (never marked complete)
+        target = _zarr_begin(output, out_opts, overwrite, temporary=compute)
+        try:
+            root = zarr.open_group(_zarr_store(target, out_opts), mode="w" if (overwrite or target != output) else "w-")
+            n = len(xs)
+            for k, dt in (("image", "float32"), ("mask", "uint8"), ("sigma", "float32")):
+                root.create_array(k, shape=(n, ny, nx), chunks=(1, ny, nx), dtype=dt, fill_value=0)
+            for k, v in (("x", xs), ("y", ys), ("ra", ra), ("dec", dec)):
+                root.create_array(k, shape=(n,), dtype="float64")[:] = np.asarray(v, float)
+            # the origins are filled from the results (cutouts that could not be cut get -1, as in the table)
+            root.create_array("x0", shape=(n,), dtype="int64", fill_value=-1)
+            root.create_array("y0", shape=(n,), dtype="int64", fill_value=-1)
+            root.attrs.update({"header": cards, "names": names, "size": [ny, nx], "mask_convention": "1 = bad",
+                               "wcs_note": "cutout i's WCS = header with CRPIX1 -= x0[i], CRPIX2 -= y0[i]"})
+        except BaseException:
+            _zarr_abort(target, output, out_opts)
+            raise
     else:
         fs, p, local = _fs_for(output, out_opts)
         if local:
@@ -1191,7 +1247,7 @@ def cutouts(
         tasks.append(
             dask.delayed(_group_task, pure=False)(
                 pieces, data_names, (y0, x0), shape, rows, ny, nx, partial, cards, attrs, opts, output, fmt,
-                out_opts, overwrite, psf, dask_key_name=f"cutouts-{g}-{uuid.uuid4().hex[:8]}",
+                out_opts, overwrite, psf, target, dask_key_name=f"cutouts-{g}-{uuid.uuid4().hex[:8]}",
             )
         )
     for i in np.nonzero(owner < 0)[0]:
@@ -1200,7 +1256,12 @@ def cutouts(
         outside_rows.append(r)
     if not compute:
         return tasks
-    results = dask.compute(*tasks)
+    try:
+        results = dask.compute(*tasks)
+    except BaseException:
+        if fmt == "zarr":
+            _zarr_abort(target, output, out_opts)
+        raise
     rows = [r for group in results for r in group] + outside_rows
     rows.sort(key=lambda r: r["index"])
     table = Table(
@@ -1214,9 +1275,17 @@ def cutouts(
     if fmt == "zarr":
         import zarr
 
-        root = zarr.open_group(_zarr_store(output, out_opts), mode="r+")
-        root.attrs["status"] = [str(s) for s in table["status"]]
-        root.attrs["complete"] = True
+        try:
+            root = zarr.open_group(_zarr_store(target, out_opts), mode="r+")
+            if len(table):
+                root["x0"][:] = np.asarray(table["x0"], np.int64)
+                root["y0"][:] = np.asarray(table["y0"], np.int64)
+            root.attrs["status"] = [str(s) for s in table["status"]]
+            root.attrs["complete"] = True
+            _zarr_commit(target, output, overwrite)
+        except BaseException:
+            _zarr_abort(target, output, out_opts)
+            raise
     n_bad = int(np.sum(np.isin(table["status"], ["outside", "error"])))
     if n_bad:
         log.warning("cutouts: %d of %d targets could not be cut (see the 'status' and 'message' columns)", n_bad, len(table))

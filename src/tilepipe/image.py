@@ -360,19 +360,23 @@ def _header_value(cards: Sequence[Sequence[Any]], keys: Sequence[str]) -> Any:
     return None
 
 
-def _to_dask(arr: Any, chunks: Any, name: str) -> da.Array:
+def _to_dask(arr: Any, chunks: Any, name: str, shape: tuple[int, ...] | None = None) -> da.Array:
+    """``arr`` as a 2-D dask array with ``chunks``; its dimensions and ``shape`` (that of the image, when
+    given) are checked first, so a wrong shape gets a clear message rather than a chunking error."""
     if isinstance(arr, xr.DataArray):
         arr = arr.data
-    if isinstance(arr, da.Array):
-        d = arr
-    else:
-        a = np.asarray(arr)
-        d = da.from_array(a, chunks=chunks if chunks is not None else DEFAULT_CHUNK)
-    if d.ndim != 2:
+    a = arr if isinstance(arr, da.Array) else np.asarray(arr)
+    if a.ndim != 2:
         raise ValueError(
-            f"{name} must be 2-D (y, x); got shape {d.shape}. "
+            f"{name} must be 2-D (y, x); got shape {a.shape}. "
             "Select one plane (e.g. data[0]) or one FITS extension with hdu=."
         )
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)} but image has shape {tuple(shape)}; they must match")
+    if isinstance(a, da.Array):
+        d = a
+    else:
+        d = da.from_array(a, chunks=chunks if chunks is not None else DEFAULT_CHUNK)
     if chunks is not None:
         d = d.rechunk(chunks)
     return d
@@ -449,9 +453,7 @@ def make_dataset(
     if saturation is not None:
         bad = bad | (img >= np.float32(saturation))
     if mask is not None:
-        m = _to_dask(mask, img.chunks, "mask")
-        if m.shape != img.shape:
-            raise ValueError(f"mask has shape {m.shape} but image has shape {img.shape}; they must match")
+        m = _to_dask(mask, img.chunks, "mask", img.shape)
         bad = bad | m.astype(bool)
     from .tiling import Region, region_of
 
@@ -460,9 +462,7 @@ def make_dataset(
     if variance is None:
         var, stats = _default_variance(img, gain, region=r_img)
     else:
-        var = _to_dask(variance, img.chunks, "variance")
-        if var.shape != img.shape:
-            raise ValueError(f"variance has shape {var.shape} but image has shape {img.shape}; they must match")
+        var = _to_dask(variance, img.chunks, "variance", img.shape)
         var = var.astype(np.float32)
     if bunit is None:
         for c in cards:
@@ -477,7 +477,7 @@ def make_dataset(
         "variance": (("y", "x"), var),
     }
     for k, v in (extra or {}).items():
-        data_vars[k] = (("y", "x"), _to_dask(v, img.chunks, k))
+        data_vars[k] = (("y", "x"), _to_dask(v, img.chunks, k, img.shape))
     attrs: dict[str, Any] = {"header": cards, "bunit": bunit}
     if gain is not None:
         attrs["gain"] = float(gain)

@@ -49,8 +49,13 @@ Plan
 
 Pixel values are interpolated (surface brightness is preserved; to preserve
 total flux per pixel multiply by the ratio of pixel areas).  ``variance`` is
-``Σ w_i² σ_i² / (Σ w_i)²`` from the inputs' global noise levels: it ignores
-the noise correlation introduced by resampling.
+``Σ w_i² σ_i² / (Σ w_i)²`` from the inputs' global noise levels ``σ_i``
+(for ``proper``: propagated exactly through the ZO17 filters, see
+:mod:`tilepipe.coadd`): it ignores the noise correlation introduced by
+resampling.  ``σ_i`` is measured on a strided sample of the input's central
+region from the clipped MAD of differences of pixels at least 4 px apart
+(÷ √2, :func:`tilepipe.image._sky_and_noise`), so sky gradients and sources
+do not count as noise.
 """
 
 from __future__ import annotations
@@ -522,15 +527,22 @@ def _pixel_scale_arcsec(w: Any) -> float:
     return float(np.mean(proj_plane_pixel_scales(w)) * 3600.0)
 
 
-def _noise_of(img: np.ndarray, bad: np.ndarray) -> float:
-    from .cutout import _clipped_stats
+def _noise_of(img: np.ndarray, bad: np.ndarray, stride: int) -> float:
+    """Background noise of a strided sample (every ``stride``-th pixel): :func:`tilepipe.image._sky_and_noise`.
 
-    img = np.asarray(img, np.float64)
-    return _clipped_stats(img[~np.asarray(bad, bool) & np.isfinite(img)])[1]
+    The noise comes from the clipped MAD of differences of sample pixels at
+    least 4 image pixels apart (÷ √2), so sky gradients and sources do not
+    count as noise (a MAD of the raw values would count them).
+    """
+    from .image import _sky_and_noise
+
+    img = np.array(img, np.float64)
+    img[np.asarray(bad, bool)] = np.nan
+    return float(_sky_and_noise(img, stride)[1])
 
 
 def _noises(dss: Sequence[xr.Dataset], max_side: int = 1024, max_pixels: int = 256 * 256) -> np.ndarray:
-    """Robust noise level (sigma-clipped MAD) of each input from its central ``max_side``² box, every
+    """Robust background noise of each input (:func:`_noise_of`) from its central ``max_side``² box, every
     ``s``-th pixel in each direction so that at most ``max_pixels`` are sorted; one task per input."""
     todo = []
     for ds in dss:
@@ -539,7 +551,7 @@ def _noises(dss: Sequence[xr.Dataset], max_side: int = 1024, max_pixels: int = 2
         y1, x1 = min(h, y0 + max_side), min(w, x0 + max_side)
         s = max(1, int(math.ceil(math.sqrt((y1 - y0) * (x1 - x0) / max_pixels))))
         sl = (slice(y0, y1, s), slice(x0, x1, s))
-        todo.append(dask.delayed(_noise_of, pure=True)(ds["image"].data[sl], ds["mask"].data[sl]))
+        todo.append(dask.delayed(_noise_of, pure=True)(ds["image"].data[sl], ds["mask"].data[sl], s))
     return np.array(dask.compute(*todo), dtype=np.float64)
 
 

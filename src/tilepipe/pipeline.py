@@ -36,7 +36,11 @@ mask, variance, background, rms, diff, scorr, ...), ``catalog.ecsv``,
 ``_COMPLETE.json`` (timings, counts, resolved config, package versions),
 written **last**: a product without it is incomplete and is redone on the next
 run; complete ones are skipped unless ``force=True``.  Local products are
-written in a temporary folder and renamed into place.  A failing exposure is
+written in a temporary folder and renamed into place; a forced re-run replaces
+a complete product only once the new one is complete (remote ones too, through
+a temporary prefix), so a failing re-run loses nothing.  Options of ``[steps]
+subtract`` are passed to :func:`tilepipe.subtract` and override the ``[run]``
+tiling (``nx``, ``ny``, ``overlap``).  A failing exposure is
 recorded in the run summary (``summary.json``, ``summary.html``) and the night
 goes on.
 """
@@ -405,10 +409,11 @@ def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str,
         with timed("subtract"):
             ref_path = _reference_for(cfg, res.field)
             ref = tp.open_image(ref_path, storage_options=opts)
-            kw = dict(steps["subtract"])
+            # [steps] subtract options (passed through) override the global [run] tiling
+            kw = {**tiles, **dict(steps["subtract"])}
             if psf is not None and kw.get("method", "zogy") == "zogy":
                 kw.setdefault("new_psf", psf)
-            diff = tp.subtract(ds, ref, **kw, **tiles)
+            diff = tp.subtract(ds, ref, **kw)
             for v in diff.data_vars:
                 if diff[v].dims == ("y", "x") and v not in ("mask",):
                     products = products.assign({v: diff[v]})
@@ -544,6 +549,36 @@ def _summary_html(summary: Mapping[str, Any]) -> str:
     )
 
 
+def _publish(fs: Any, workdir: str, final: str, opts: Mapping[str, Any], local: bool) -> None:
+    """Move the finished product ``workdir`` to ``final``, replacing a previous product only now.
+
+    Local: :func:`tilepipe.io._fs.commit_local` (the old folder is renamed
+    aside, the new one renamed into place, then the old one removed).
+    Remote: the same with moves (copies) of the prefixes; if moving the new
+    product in fails, the old one is moved back.
+    """
+    if local:
+        from .io._fs import commit_local
+
+        commit_local(workdir, final, overwrite=True)
+        return
+    wpath, fpath = _fs(workdir, opts)[1], _fs(final, opts)[1]
+    old = None
+    if fs.exists(fpath):
+        old = posixpath.join(posixpath.dirname(fpath), f".{posixpath.basename(fpath)}.old-{uuid.uuid4().hex[:8]}")
+        fs.mv(fpath, old, recursive=True)
+    try:
+        fs.mv(wpath, fpath, recursive=True)
+    except BaseException:
+        if old is not None:
+            if fs.exists(fpath):
+                fs.rm(fpath, recursive=True)
+            fs.mv(old, fpath, recursive=True)
+        raise
+    if old is not None:
+        fs.rm(old, recursive=True)
+
+
 def run_pipeline(
     config: str | os.PathLike | Mapping[str, Any],
     *,
@@ -560,7 +595,9 @@ def run_pipeline(
         TOML file or an equivalent dict (see the module docstring).
     force : bool
         Redo complete products too (default: skip exposures whose
-        ``_COMPLETE.json`` exists).
+        ``_COMPLETE.json`` exists).  The new product is written under a
+        temporary name and replaces the previous one only once complete, so
+        a failing forced re-run leaves the previous product intact.
     scheduler : str, optional
         Dask scheduler address; default: the ``client`` given, the current
         client, or a new LocalCluster.
@@ -617,10 +654,16 @@ def run_pipeline(
                     print(f"[{i}/{len(exposures)}] {exp['name']}: running {', '.join(cfg['steps'])}", flush=True)
                 t1 = time.perf_counter()
                 local = not _is_url(out)
-                workdir = _join(out, f".{exp['name']}.tmp-{uuid.uuid4().hex[:8]}") if local else final
+                final_path = posixpath.join(root, exp["name"])
+                # a complete previous product (force=True) is replaced only once the new one is complete: the
+                # new one is written under a temporary name (always for local outputs, which are renamed into
+                # place; for remote ones when there is a complete product to keep)
+                keep_old = fs.exists(marker)
+                tmpname = f".{exp['name']}.tmp-{uuid.uuid4().hex[:8]}"
+                workdir = _join(out, tmpname) if (local or keep_old) else final
                 try:
-                    if fs.exists(posixpath.join(root, exp["name"])):
-                        fs.rm(posixpath.join(root, exp["name"]), recursive=True)  # incomplete or forced
+                    if not local and not keep_old and fs.exists(final_path):
+                        fs.rm(final_path, recursive=True)  # an incomplete product: nothing to keep
                     fs.makedirs(_fs(workdir, opts)[1], exist_ok=True)
                     # warnings (small overlap, fallbacks...) are recorded in the summary, not raised
                     with warnings.catch_warnings(record=True) as caught:
@@ -636,8 +679,8 @@ def run_pipeline(
                         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                     }
                     _write_json(_join(workdir, COMPLETE), record, opts)
-                    if local:
-                        os.replace(workdir, final)
+                    if workdir != final:
+                        _publish(fs, workdir, final, opts, local)
                 except Exception as exc:  # noqa: BLE001 - one bad exposure must not stop the night
                     res.status = "failed"
                     res.seconds = round(time.perf_counter() - t1, 3)

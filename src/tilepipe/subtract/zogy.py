@@ -122,7 +122,10 @@ def as_psf_function(psf: Any, what: str = "psf") -> Callable[[float, float], np.
     Accepts a 2-D array (constant PSF), a callable ``(x, y) -> stamp``, or an
     object with ``.at(x, y)`` (e.g. :class:`tilepipe.PSFModel`,
     :class:`tilepipe.datasets.TruePSF`).  Coordinates are global 0-based
-    pixels; the stamp is centred on the source.  ``None`` passes through.
+    pixels; the stamp is centred on the source: on its middle pixel for an
+    odd side, between its two middle pixels (``(n - 1) / 2``) for an even one,
+    which is then Fourier-shifted by half a pixel onto an odd grid of side
+    ``n + 1``.  ``None`` passes through.
     """
     if psf is None:
         return None
