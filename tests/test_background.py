@@ -438,3 +438,19 @@ def test_lazy_mesh_background_errors_when_computed():
         solved.compute()
     with pytest.raises(ValueError, match="smaller than one mesh"):
         mesh_background_lazy(np.zeros((50, 300), np.float32), 64)
+
+
+def test_poly_partial_last_mesh_never_forms_a_core_alone():
+    """1030 px = 16 meshes of 64 + 6 px: with nx=9 the last core used to be those 6 px alone, narrower than
+    the poly default overlap (a ValueError the user had not asked for); now it takes a whole mesh too."""
+    from tilepipe.tiling import split_edges
+
+    edges = split_edges(1030, 9, 64)
+    assert np.diff(edges).min() >= 64 and edges[-1] == 1030 and (edges[1:-1] % 64 == 0).all()
+    assert np.diff(split_edges(1030, 17, 64))[-1] == 6  # as many tiles as meshes: unavoidable
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:512, :1030]
+    img = rng.normal(100.0, 5.0, (512, 1030)) + 0.01 * xx - 0.02 * yy
+    whole = estimate_background(img, mesh=64, method="poly", order=1)
+    tiled = estimate_background(img, mesh=64, method="poly", order=1, nx=9, ny=2)
+    np.testing.assert_allclose(tiled["background"].values, whole["background"].values, rtol=1e-6)

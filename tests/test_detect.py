@@ -341,3 +341,53 @@ def test_windows_with_bad_meshes_warn_like_the_chunk_exchange(tmp_path, field, m
     fits.writeto(nan, np.full((300, 300), np.nan, np.float32))
     with pytest.raises(ValueError, match="no mesh has enough good pixels"):
         tp.detect_sources(tp.open_image(str(nan)), nx=2, ny=2)
+
+
+@pytest.mark.parametrize("axes", [("DEC--TAN", "RA---TAN"), ("GLON-TAN", "GLAT-TAN")])
+def test_ra_dec_are_icrs_whatever_the_header_axes(axes):
+    """ra, dec are ICRS degrees also for a header with latitude first or a galactic frame (they used to be
+    the raw world values of the header's axes: dec = 150 deg for swapped axes, l and b for galactic)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from tilepipe.image import pixel_to_radec, radec_to_pixel
+
+    rng = np.random.default_rng(0)
+    h, w = 200, 240
+    yy, xx = np.mgrid[:h, :w].astype(float)
+    img = (100 + 3000 * np.exp(-((xx - 60) ** 2 + (yy - 150) ** 2) / 8.0) + rng.normal(0, 1, (h, w))).astype(np.float32)
+    hdr = fits.Header()
+    hdr["CTYPE1"], hdr["CTYPE2"] = axes
+    hdr["CRPIX1"], hdr["CRPIX2"] = 100.0, 100.0
+    hdr["CRVAL1"], hdr["CRVAL2"] = (-30.0, 150.0) if axes[0].startswith("DEC") else (30.0, 1.0)
+    hdr["CDELT1"], hdr["CDELT2"] = 1 / 3600, -1 / 3600
+    cat = tp.detect_sources(tp.open_image(img, variance=np.ones((h, w), np.float32), header=hdr), background=100.0,
+                            nsigma=5)
+    r = cat[np.argmax(cat["flux"])]
+    truth = WCS(hdr).pixel_to_world(r["x"], r["y"]).icrs
+    assert abs(r["ra"] - truth.ra.deg) < 1e-9 and abs(r["dec"] - truth.dec.deg) < 1e-9
+    assert -90 <= r["dec"] <= 90
+    ra, dec = pixel_to_radec(WCS(hdr), [r["x"]], [r["y"]])
+    px, py = radec_to_pixel(WCS(hdr), ra, dec)
+    np.testing.assert_allclose([px[0], py[0]], [r["x"], r["y"]], atol=1e-6)
+
+
+def test_default_background_fits_small_images_and_many_tiles():
+    """With background=None the mesh background takes any tiling the detection grid allows (its maps do not
+    depend on it) and an image smaller than one mesh gets a smaller mesh with a warning; both used to raise
+    errors about a `mesh` argument that detect_sources does not have."""
+    from tilepipe.datasets import make_field
+
+    f = make_field((200, 200), seed=1)
+    whole = tp.detect_sources(f.image)
+    tiled = tp.detect_sources(f.image, nx=5)  # 4 meshes across: the mesh background runs on fewer tiles
+    assert len(tiled) == len(whole) > 5
+    for c in ("x", "y", "flux"):
+        np.testing.assert_allclose(np.sort(tiled[c]), np.sort(whole[c]), rtol=1e-5)
+    small = make_field((50, 60), seed=1, n_stars=3)
+    with pytest.warns(FallbackWarning, match="smaller than one 64-px background mesh"):
+        cat = tp.detect_sources(small.image)
+    d = np.hypot(np.asarray(cat["x"])[:, None] - np.asarray(small.stars["x"])[None],
+                 np.asarray(cat["y"])[:, None] - np.asarray(small.stars["y"])[None])
+    bright = np.asarray(small.stars["snr"]) > 10
+    assert (d.min(axis=0)[bright] < 1.5).all()

@@ -914,3 +914,20 @@ def test_fits_chunk_keys_name_their_chunks(tmp_path, client):
     wait(held)
     np.testing.assert_array_equal(b.compute(), data)
     np.testing.assert_array_equal((b + held).compute(), 2 * data)
+
+
+def test_product_without_image_reads_back_its_planes(tmp_path):
+    """A Dataset without an `image` variable (a subtraction result) is written with an empty primary; reading
+    it back used to give the first extension (MASK) as the image and drop every other plane."""
+    rng = np.random.default_rng(0)
+    diff = rng.normal(size=(40, 50)).astype(np.float32)
+    scorr = rng.normal(size=(40, 50)).astype(np.float32)
+    mask = np.zeros((40, 50), bool)
+    mask[3, 4] = True
+    ds = xr.Dataset({"mask": (("y", "x"), mask), "diff": (("y", "x"), diff), "scorr": (("y", "x"), scorr)})
+    tio.write_fits(ds, str(tmp_path / "d.fits"))
+    back = tp.open_image(str(tmp_path / "d.fits"))
+    np.testing.assert_array_equal(back["image"].values, diff)
+    np.testing.assert_array_equal(back["scorr"].values, scorr)
+    assert back["mask"].values[3, 4] and back["mask"].values.sum() == 1
+    np.testing.assert_array_equal(tp.open_image(str(tmp_path / "d.fits"), hdu="SCORR")["image"].values, scorr)

@@ -714,6 +714,23 @@ def _solve_blocks(blocks: list[list[np.ndarray]], kwargs: dict[str, Any]) -> np.
     return _solve_mesh(np.block(blocks), **kwargs)
 
 
+def fit_mesh_to_image(shape: tuple[int, int], mesh: int, nx: int, ny: int) -> tuple[tuple[int, int], int, int, str | None]:
+    """A default background mesh and tiling that fit an image of ``shape``: ``((my, mx), nx, ny, message)``.
+
+    For callers that run the mesh background with their own tiling (the
+    background maps do not depend on it): an image smaller than one
+    ``mesh``-px mesh gets a mesh cut to its size (``message`` says so, for a
+    :class:`~tilepipe.exceptions.FallbackWarning`; otherwise None), and
+    ``nx, ny`` are capped so that every tile core holds at least two meshes.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    my, mx = min(int(mesh), h), min(int(mesh), w)
+    message = None
+    if (my, mx) != (mesh, mesh):
+        message = f"the image ({h} x {w} px) is smaller than one {mesh}-px background mesh; using a {my} x {mx} px mesh"
+    return (my, mx), max(1, min(int(nx), w // (2 * mx))), max(1, min(int(ny), h // (2 * my))), message
+
+
 def mesh_background_lazy(
     ds: Any,
     mesh: int | Sequence[int] = 64,

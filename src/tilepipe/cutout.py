@@ -724,7 +724,9 @@ def _position(ds: xr.Dataset, ra: Any, dec: Any, unit_is_pix: bool, x: Any, y: A
         ra = ra.to_value("deg")
     if hasattr(dec, "unit"):
         dec = dec.to_value("deg")
-    px, py = w.world_to_pixel_values(np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float)))
+    from .image import radec_to_pixel
+
+    px, py = radec_to_pixel(w, np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float)))
     return np.atleast_1d(np.asarray(px, float)), np.atleast_1d(np.asarray(py, float)), w
 
 
@@ -1186,7 +1188,9 @@ def cutouts(
     if len(set(names)) != len(names):
         raise ValueError(f"column {name_col!r} has duplicate values; file names must be unique (use name_col=)")
     if w is not None:
-        ra, dec = w.pixel_to_world_values(xs, ys)
+        from .image import pixel_to_radec
+
+        ra, dec = pixel_to_radec(w, xs, ys)
     else:
         ra = dec = np.full(len(xs), np.nan)
     if gain is None:

@@ -623,8 +623,11 @@ def make_field(
     sky : float
         Mean sky level (ADU per pixel).
     sky_gradient : float
-        Planar sky gradient: the sky goes from ``sky * (1 - g/2)`` to
-        ``sky * (1 + g/2)`` across the field along a seeded direction.
+        Planar sky gradient: ``sky * (1 + g/2 * (cos φ u + sin φ v))`` with
+        ``u, v`` from -1 to 1 across the field and a seeded direction ``φ``:
+        ``sky * (1 ± g/2)`` at the middles of the edges along ``φ``, up to
+        ``sky * (1 ± g/2 (|cos φ| + |sin φ|))`` (at most ``± g/√2``) at the
+        corners.
     gain : float
         e-/ADU; Poisson noise is drawn on electrons.
     read_noise : float

@@ -154,7 +154,8 @@ _MIN_VALID_FRAC = 0.5
 
 def _resolve_background(ds: xr.Dataset, background: Any, nx: int, ny: int | None,
                         chunks: tuple[tuple[int, ...], ...],
-                        lazy: bool = False) -> tuple[da.Array, da.Array, Any]:
+                        lazy: bool = False, warn: Callable[[str, type[Warning]], None] | None = None,
+                        ) -> tuple[da.Array, da.Array, Any]:
     """Background and threshold-noise maps (lazy, with the tile grid's ``chunks``) for ``ds``.
 
     ``background`` may be None (run :func:`tilepipe.estimate_background`), a
@@ -163,19 +164,28 @@ def _resolve_background(ds: xr.Dataset, background: Any, nx: int, ny: int | None
     ``lazy`` and ``background=None`` the mesh statistics are not computed
     here (:func:`tilepipe.background.mesh_background_lazy`): the third value
     is then a function of the computed ``solved`` mesh grids returning the
-    bad-mesh warning text (or None), else None.
+    bad-mesh warning text (or None), else None.  ``warn(message, category)``
+    reports a fallback (default :func:`warnings.warn`).
     """
     shape = tuple(ds["image"].shape)
     var = _lazy2d(ds["variance"].data, shape, "variance", chunks)
+    if background is None:
+        from .background import fit_mesh_to_image
+
+        # the mesh background's maps do not depend on its tiling: the detection grid's nx, ny capped to
+        # what the mesh allows, and an image smaller than one mesh gets a smaller mesh
+        mesh, nx, ny, message = fit_mesh_to_image(shape, _MESH, nx, ny if ny is not None else nx)
+        if message:
+            (warn or warnings.warn)(message, FallbackWarning)
     if background is None and lazy:
         from .background import mesh_background_lazy
 
-        b, r, _, check = mesh_background_lazy(ds, _MESH, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
+        b, r, _, check = mesh_background_lazy(ds, mesh, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
         return _lazy2d(b, shape, "background", chunks), _lazy2d(r, shape, "rms", chunks), check
     if background is None:
         from .background import estimate_background
 
-        bk = estimate_background(ds, _MESH, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
+        bk = estimate_background(ds, mesh, nx=nx, ny=ny, min_valid_frac=_MIN_VALID_FRAC)
         return (_lazy2d(bk["background"], shape, "background", chunks), _lazy2d(bk["rms"], shape, "rms", chunks),
                 None)
     if isinstance(background, xr.Dataset):
@@ -668,7 +678,7 @@ def detect_sources(
         sqrt((a^2 + b^2) / 2)``, ``ellipticity = 1 - b/a``, ``peak``,
         ``npix``, ``flags`` (:data:`SEP_FLAGS`), ``tile``, ``xpeak, ypeak``
         (the ownership pixel), bbox ``xmin..ymax``, ``x2, y2, xy, cflux``,
-        and ``ra, dec`` (degrees) when the image has a celestial WCS.
+        and ``ra, dec`` (ICRS degrees, whatever the header's axis order and frame) when the image has a celestial WCS.
         ``meta`` holds parameters, per-tile status and package versions.
 
     Notes
@@ -678,7 +688,7 @@ def detect_sources(
     catalog (same rows; positions and fluxes to float rounding) whenever the
     same ``background`` is used.  See ``docs/detection.md``.
     """
-    from .image import as_dataset, has_wcs, wcs
+    from .image import as_dataset, has_wcs, pixel_to_radec, wcs
 
     def warn(message: str, category: type[Warning], stacklevel: int = 3) -> None:
         if _QUIET.get():
@@ -717,7 +727,8 @@ def detect_sources(
     # statistics are computed in the same graph as the windows
     lazy = _USE_REGIONS.get() and all(region_of(_lazy2d(ds[k].data, shape, k, chunks)) is not None
                                       for k in ("image", "variance", "mask"))
-    bkg, rms, mesh_check = _resolve_background(ds, background, grid.nx, grid.ny, chunks, lazy=lazy)
+    bkg, rms, mesh_check = _resolve_background(ds, background, grid.nx, grid.ny, chunks, lazy=lazy,
+                                               warn=lambda m, c: warn(m, c, stacklevel=5))
     kwargs = dict(
         shape=shape, nsigma=nsigma, minarea=minarea, kernel=kernel, filter_type=filter_type,
         deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont, clean=clean, clean_param=clean_param,
@@ -832,7 +843,7 @@ def detect_sources(
     # a celestial WCS needs CTYPE cards: skip importing astropy.wcs (~0.4 s) for images without any
     ctype = any(str(c[0]).startswith("CTYPE") for c in ds.attrs.get("header", []) if c)
     if len(cat) and ctype and has_wcs(ds):
-        ra, dec = wcs(ds).pixel_to_world_values(np.asarray(cat["x"]), np.asarray(cat["y"]))
+        ra, dec = pixel_to_radec(wcs(ds), cat["x"], cat["y"])
         cat["ra"] = np.asarray(ra, dtype=np.float64)
         cat["dec"] = np.asarray(dec, dtype=np.float64)
     cat.meta.clear()

@@ -179,6 +179,27 @@ def wcs(ds: xr.Dataset | fits.Header | Sequence) -> Any:
     return w.celestial
 
 
+def pixel_to_radec(w: Any, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """ICRS right ascension and declination (degrees) of 0-based pixel positions.
+
+    Through astropy's high-level API (:meth:`~astropy.wcs.WCS.pixel_to_world`),
+    so the header's axis order (``CTYPE1 = DEC--TAN`` first is legal) and
+    frame (FK5, galactic...) are honoured and the result is ICRS, not the
+    raw world values of the header's axes.
+    """
+    sky = w.pixel_to_world(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)).icrs
+    return np.asarray(sky.ra.deg, dtype=np.float64), np.asarray(sky.dec.deg, dtype=np.float64)
+
+
+def radec_to_pixel(w: Any, ra: Any, dec: Any) -> tuple[np.ndarray, np.ndarray]:
+    """0-based pixel positions of ICRS ``ra, dec`` (degrees); the inverse of :func:`pixel_to_radec`."""
+    from astropy.coordinates import SkyCoord
+
+    sky = SkyCoord(np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64), unit="deg", frame="icrs")
+    px, py = w.world_to_pixel(sky)
+    return np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64)
+
+
 def has_wcs(ds: xr.Dataset) -> bool:
     """True when :func:`wcs` would succeed."""
     try:

@@ -45,7 +45,8 @@ def split_edges(n: int, k: int, align: int = 1) -> np.ndarray:
     Core boundaries fall on multiples of ``align`` (except the image edge);
     core sizes, counted in units of ``align``, differ by at most one (the
     larger ones first), and the last core takes the remainder when ``n`` is not
-    a multiple of ``align``.
+    a multiple of ``align`` (with a whole cell too, unless there are as many
+    tiles as cells).
 
     Returns
     -------
@@ -62,6 +63,11 @@ def split_edges(n: int, k: int, align: int = 1) -> np.ndarray:
     base, extra = divmod(ncell, k)
     cells = np.full(k, base, dtype=np.int64)
     cells[:extra] += 1
+    if n % align and base == 1 and extra:
+        # the last cell is partial: never leave it alone as a core (a few px, narrower than any halo) when
+        # another core can give it a whole cell
+        cells[extra - 1] -= 1
+        cells[-1] += 1
     edges = np.concatenate([[0], np.cumsum(cells) * align])
     edges[-1] = n
     return np.minimum(edges, n)

@@ -710,7 +710,11 @@ def read_fits_dataset(
     :func:`write_fits` (primary header keyword ``TILEPIPE``), every other 2-D
     image extension is returned as a plane named ``EXTNAME.lower()``
     (``mask`` as bool, True = bad; ``variance``...), chunked like the image.
-    For any other file ``planes`` is empty.
+    A product written without an ``image`` variable (e.g. a subtraction:
+    empty primary, then ``MASK``, ``DIFF``, ``SCORR``...) gives, with
+    ``hdu=None``, its first extension that is not ``MASK`` or ``VARIANCE`` as
+    the image and every other extension as a plane.  For any other file
+    ``planes`` is empty.
 
     Returns
     -------
@@ -719,11 +723,18 @@ def read_fits_dataset(
     url = _fs.as_str(src, "src")
     with _opened(url, storage_options) as hdul:
         idx = _select(hdul, hdu, url)
+        product = PRODUCT_KEY in hdul[0].header
+        empty_primary = product and idx != 0 and hdu is None  # a product with no `image` variable
+        if empty_primary:
+            for j, h in enumerate(hdul):
+                if j and _is_image_hdu(h) and _is_2d(_image_shape(h)) and h.name not in ("MASK", "VARIANCE"):
+                    idx = j
+                    break
         data, header = _lazy_hdu(hdul, idx, url, chunks, storage_options)
         planes: dict[str, da.Array] = {}
-        if idx == 0 and PRODUCT_KEY in header:
+        if product and (idx == 0 or empty_primary):
             for j, h in enumerate(hdul):
-                if j == 0 or not _is_image_hdu(h) or not h.name:
+                if j in (0, idx) or not _is_image_hdu(h) or not h.name:
                     continue
                 shp = _image_shape(h)
                 if not _is_2d(shp) or shp[-2:] != data.shape:

@@ -38,10 +38,9 @@ def _positions(ds, stars) -> Table:
         if {"x", "y"} <= set(stars.colnames):
             return Table({"x": np.asarray(stars["x"], float), "y": np.asarray(stars["y"], float)})
         if {"ra", "dec"} <= set(stars.colnames):
-            from ..image import wcs
+            from ..image import radec_to_pixel, wcs
 
-            w = wcs(ds)
-            px, py = w.world_to_pixel_values(np.asarray(stars["ra"], float), np.asarray(stars["dec"], float))
+            px, py = radec_to_pixel(wcs(ds), stars["ra"], stars["dec"])
             return Table({"x": np.asarray(px, float), "y": np.asarray(py, float),
                           "ra": np.asarray(stars["ra"], float), "dec": np.asarray(stars["dec"], float)})
         raise ValueError(f"stars must have x, y (pixels) or ra, dec (degrees) columns; it has {stars.colnames}")
@@ -66,10 +65,9 @@ def _read_refcat(ds, refcat) -> np.ndarray:
         return np.column_stack([np.asarray(ref[cols["x"]], float), np.asarray(ref[cols["y"]], float)])
     for ra, dec in (("ra", "dec"), ("raj2000", "dej2000"), ("ra_icrs", "de_icrs")):
         if ra in cols and dec in cols:
-            from ..image import wcs
+            from ..image import radec_to_pixel, wcs
 
-            w = wcs(ds)
-            px, py = w.world_to_pixel_values(np.asarray(ref[cols[ra]], float), np.asarray(ref[cols[dec]], float))
+            px, py = radec_to_pixel(wcs(ds), ref[cols[ra]], ref[cols[dec]])
             return np.column_stack([px, py])
     raise ValueError(f"refcat needs x, y or ra, dec columns; it has {ref.colnames}")
 

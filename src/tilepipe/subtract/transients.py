@@ -257,11 +257,10 @@ def find_transients(
         t["id"] = np.arange(1, len(t) + 1)
     ra = np.full(len(t), np.nan)
     dec = np.full(len(t), np.nan)
-    from ..image import has_wcs, wcs
+    from ..image import has_wcs, pixel_to_radec, wcs
 
     if len(t) and has_wcs(res):
-        sky = wcs(res).pixel_to_world(np.asarray(t["x"]), np.asarray(t["y"]))
-        ra, dec = sky.ra.deg, sky.dec.deg
+        ra, dec = pixel_to_radec(wcs(res), t["x"], t["y"])
     t.add_column(ra, name="ra", index=3)
     t.add_column(dec, name="dec", index=4)
     t.meta.update({"nsigma": float(nsigma), "detection": det_name, "flux_from": mode, "radius": radius,

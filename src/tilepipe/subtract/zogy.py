@@ -1321,14 +1321,12 @@ def _background(ds: xr.Dataset, *, mesh: int, nx: int, ny: int) -> tuple[da.Arra
     the pixels, not one compute per image.  An image smaller than one mesh
     gets a mesh cut to its size, with a :class:`FallbackWarning`.
     """
-    from ..background import mesh_background_lazy
+    from ..background import fit_mesh_to_image, mesh_background_lazy
 
-    h, w = ds["image"].shape
-    my, mx = _mesh_px(mesh, (h, w))
-    if (my, mx) != (mesh, mesh):
-        warnings.warn(f"the image ({h} x {w} px) is smaller than one {mesh}-px background mesh; "
-                      f"using a {my} x {mx} px mesh", FallbackWarning, stacklevel=4)
-    return mesh_background_lazy(ds, (my, mx), nx=max(1, min(nx, w // (2 * mx))), ny=max(1, min(ny, h // (2 * my))))
+    m, nx, ny, message = fit_mesh_to_image(ds["image"].shape, mesh, nx, ny)
+    if message:
+        warnings.warn(message, FallbackWarning, stacklevel=4)
+    return mesh_background_lazy(ds, m, nx=nx, ny=ny)
 
 
 def _mesh_px(mesh: int, shape: tuple[int, int]) -> tuple[int, int]:
