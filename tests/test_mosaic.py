@@ -294,3 +294,27 @@ def test_proper_variance_tile_invariant_and_exact(exposures):
     assert one.sum() > 1000 and two.sum() > 500
     np.testing.assert_allclose(b["variance"].values[one], sig2.mean(), rtol=0.02)
     np.testing.assert_allclose(b["variance"].values[two], sig2.mean() / 2, rtol=0.02)
+
+
+def test_input_in_galactic_coordinates_lands_at_its_sky_position():
+    """An input whose WCS is galactic (or has latitude first) is mapped onto an ICRS output through the sky,
+    not by passing its raw world values (l, b read as RA, Dec) to the output WCS."""
+    from astropy.coordinates import SkyCoord
+
+    c = SkyCoord(C0[0], C0[1], unit="deg").galactic
+    wg = WCS(naxis=2)
+    wg.wcs.ctype = ["GLON-TAN", "GLAT-TAN"]
+    wg.wcs.crval = [c.l.deg, c.b.deg]
+    wg.wcs.crpix = [60.5, 50.5]
+    wg.wcs.cd = np.array([[-1 / 3600, 0.0], [0.0, 1 / 3600]])
+    star = SkyCoord(C0[0] + 8 / 3600, C0[1] - 5 / 3600, unit="deg")  # ICRS
+    gx, gy = wg.world_to_pixel(star)
+    yy, xx = np.mgrid[:100, :120]
+    img = 100.0 + 5000.0 * np.exp(-0.5 * ((xx - gx) ** 2 + (yy - gy) ** 2) / 1.7**2)
+    ds = make_dataset(img.astype(np.float32), header=wg.to_header(), fwhm=4.0)
+    w_out = _tan([100.5, 90.5], shape=(180, 200))
+    res = mosaic([ds], wcs_out=w_out, combine="mean")
+    out = np.nan_to_num(res["image"].values)
+    py, px = np.unravel_index(np.argmax(out), out.shape)
+    ox, oy = w_out.world_to_pixel(star)
+    assert abs(px - ox) <= 1 and abs(py - oy) <= 1

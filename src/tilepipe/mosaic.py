@@ -86,6 +86,29 @@ _ORDER = {"nearest-neighbor": 0, "bilinear": 1, "biquadratic": 2, "bicubic": 3}
 
 
 # ------------------------------------------------------------------ geometry
+def _same_sky_axes(a: Any, b: Any) -> bool:
+    """Whether two celestial WCSs give world values in the same frame and axis order (then raw world values
+    can be passed from one to the other)."""
+    wa, wb = a.wcs, b.wcs
+    eq = (wa.equinox, wb.equinox)
+    return ((wa.lng, wa.lat) == (wb.lng, wb.lat) and [c[:4] for c in wa.ctype] == [c[:4] for c in wb.ctype]
+            and wa.radesys == wb.radesys and (eq[0] == eq[1] or all(np.isnan(v) for v in eq)))
+
+
+def _sky_map(w_from: Any, w_to: Any, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of ``w_from`` → pixels of ``w_to`` through the sky.
+
+    Raw world values when both WCSs share frame and axis order (fast), else
+    through :class:`~astropy.coordinates.SkyCoord` (an input in galactic or
+    FK4 coordinates, or with latitude first, onto an ICRS output).
+    """
+    if _same_sky_axes(w_from, w_to):
+        px, py = w_to.world_to_pixel_values(*w_from.pixel_to_world_values(x, y))
+    else:
+        px, py = w_to.world_to_pixel(w_from.pixel_to_world(x, y))
+    return np.asarray(px, np.float64), np.asarray(py, np.float64)
+
+
 def _map_points(w_out: Any, w_in: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Output pixel ``(x, y)`` → input pixel through the sky; NaN where the round trip back misses by > 1 px.
 
@@ -96,11 +119,10 @@ def _map_points(w_out: Any, w_in: Any, x: np.ndarray, y: np.ndarray) -> tuple[np
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     with np.errstate(all="ignore"):
-        lon, lat = w_out.pixel_to_world_values(x, y)
-        ix, iy = w_in.world_to_pixel_values(lon, lat)
+        ix, iy = _sky_map(w_out, w_in, x, y)
         ix = np.array(ix, np.float64, copy=True)
         iy = np.array(iy, np.float64, copy=True)
-        bx, by = w_out.world_to_pixel_values(*w_in.pixel_to_world_values(ix, iy))
+        bx, by = _sky_map(w_in, w_out, ix, iy)
         miss = ~(np.abs(np.asarray(bx) - x) <= 1.0) | ~(np.abs(np.asarray(by) - y) <= 1.0)
     ix[miss] = np.nan
     iy[miss] = np.nan
@@ -120,9 +142,7 @@ def _input_box(w_in: Any, in_shape: tuple[int, int], w_out: Any, box: tuple[int,
     px = np.r_[ex, gx.ravel()]
     py = np.r_[ey, gy.ravel()]
     with np.errstate(all="ignore"):
-        lon, lat = w_out.pixel_to_world_values(px, py)
-        ix, iy = w_in.world_to_pixel_values(lon, lat)
-    ix, iy = np.asarray(ix, float), np.asarray(iy, float)
+        ix, iy = _sky_map(w_out, w_in, px, py)
     ok = np.isfinite(ix) & np.isfinite(iy)
     if not ok.any():
         return None
@@ -148,8 +168,7 @@ def _footprint_box(w_in: Any, in_shape: tuple[int, int], w_out: Any, shape_out: 
     bx = np.r_[xs, np.full(ys.size, -0.5), np.full(ys.size, w - 0.5), xs]
     by = np.r_[np.full(xs.size, -0.5), ys, ys, np.full(xs.size, h - 0.5)]
     with np.errstate(all="ignore"):
-        ox, oy = w_out.world_to_pixel_values(*w_in.pixel_to_world_values(bx, by))
-    ox, oy = np.asarray(ox, float), np.asarray(oy, float)
+        ox, oy = _sky_map(w_in, w_out, bx, by)
     if not (np.isfinite(ox).all() and np.isfinite(oy).all()):
         return 0, shape_out[0], 0, shape_out[1]
     y0 = max(int(math.floor(oy.min())) - pad, 0)
