@@ -931,3 +931,46 @@ def test_product_without_image_reads_back_its_planes(tmp_path):
     np.testing.assert_array_equal(back["scorr"].values, scorr)
     assert back["mask"].values[3, 4] and back["mask"].values.sum() == 1
     np.testing.assert_array_equal(tp.open_image(str(tmp_path / "d.fits"), hdu="SCORR")["image"].values, scorr)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_xarray_cf_encoded_zarr_is_decoded(tmp_path, zarr_format):
+    """A store written by xarray with CF encoding (int16 + scale_factor/add_offset + _FillValue) used to read
+    back as the raw integers (twice the values) with the fill value as a pixel value."""
+    import zarr
+
+    a = (np.arange(40 * 30, dtype=np.float32).reshape(40, 30) % 1000) * 0.5
+    a[7, 9] = np.nan
+    sky = np.full((40, 30), 100.25, np.float32)
+    sky[0, 0] = np.nan
+    xs = xr.Dataset({"image": (("y", "x"), a), "sky": (("y", "x"), sky)}, attrs={"gain": 2.0})
+    enc = {"image": {"dtype": "int16", "scale_factor": 0.5, "_FillValue": -999, "chunks": (16, 16)},
+           "sky": {"dtype": "int16", "scale_factor": 0.25, "add_offset": 100.0, "_FillValue": -1}}
+    url = str(tmp_path / "cf.zarr")
+    xs.to_zarr(url, zarr_format=zarr_format, encoding=enc, consolidated=False)
+    assert zarr.open_group(url, mode="r")["image"].dtype == np.int16  # really stored as scaled integers
+    with dask.config.set(scheduler=_raise_on_compute):  # decoding stays lazy
+        ds = tio.read_zarr(url)
+        opened = tp.open_image(url)
+    assert isinstance(ds["image"].data, da.Array) and ds["image"].data.chunksize == (16, 16)
+    assert ds["image"].dtype.kind == "f" and ds.attrs["gain"] == 2.0
+    assert not {"scale_factor", "add_offset", "_FillValue"} & set(ds["image"].attrs)
+    np.testing.assert_array_equal(ds["image"].values, a)  # NaN at the fill value, scaled elsewhere
+    np.testing.assert_allclose(ds["sky"].values, sky)
+    assert np.isnan(ds["sky"].values[0, 0])
+    assert opened["image"].dtype == np.float32
+    np.testing.assert_array_equal(opened["image"].values, a)
+    m = opened["mask"].values
+    assert m[7, 9] and m.sum() == 1  # the fill value is masked
+    # a plain (non-CF) zarr v2 array keeps its zeros (its zarr fill_value 0 is not a CF _FillValue)
+    g = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=2)
+    g.create_array("image", shape=(8, 8), chunks=(4, 4), dtype="f4", fill_value=0)[:] = np.arange(64.0).reshape(8, 8)
+    np.testing.assert_array_equal(tio.read_zarr(str(tmp_path / "plain.zarr"))["image"].values,
+                                  np.arange(64.0, dtype=np.float32).reshape(8, 8))
+    # tilepipe's own stores read back exactly as written, whatever the attrs of their variables say
+    own = tp.open_image(np.arange(64, dtype=np.float32).reshape(8, 8))
+    own["image"].attrs.update(scale_factor=2.0, _FillValue=0.0)
+    tio.write_zarr(own, tmp_path / "own.zarr")
+    back = tio.read_zarr(tmp_path / "own.zarr")
+    np.testing.assert_array_equal(back["image"].values, own["image"].values)
+    assert back["image"].attrs["scale_factor"] == 2.0

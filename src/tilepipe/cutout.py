@@ -1018,19 +1018,52 @@ def _zarr_store(path: str, storage_options: dict[str, Any] | None) -> Any:
 
 
 def _zarr_begin(output: str, storage_options: dict[str, Any] | None, overwrite: bool, temporary: bool = True) -> str:
-    """Where to write a batch Zarr store: a hidden temporary sibling of a local ``output``, else ``output``.
+    """Where to write a batch Zarr store: a hidden temporary sibling of ``output``, or ``output`` itself.
 
     An existing ``output`` without ``overwrite`` is refused before anything is
-    written.  Local stores are published by :func:`_zarr_commit` only once
-    complete, so a failure leaves no half-written store (and, with
-    ``overwrite``, the previous store intact); remote stores are written in
-    place and removed again on failure.
+    written.  A local store is written under a hidden sibling name and
+    published by :func:`_zarr_commit` (a rename) only once complete.  At a URL
+    (object stores have no rename) a new store is written in place, and removed
+    by :func:`_zarr_abort` on failure; an existing one being overwritten stays
+    untouched while the new one is written under a hidden sibling prefix, which
+    :func:`_zarr_commit` swaps in (old keys out, new keys in, root
+    ``zarr.json`` last).  Either way a failure leaves no half-written store and,
+    with ``overwrite``, the previous store intact.
+
+    Parameters
+    ----------
+    output : str
+        Local path or fsspec URL of the store.
+    storage_options : dict or None
+        fsspec options of ``output``.
+    overwrite : bool
+        Replace an existing store.
+    temporary : bool
+        Write beside ``output`` (``False``: straight into ``output``, for
+        ``compute=False``, whose caller runs the tasks).
+
+    Returns
+    -------
+    str
+        The path or URL to write the store to.
+
+    Raises
+    ------
+    FileExistsError
+        ``output`` exists and ``overwrite`` is false.
     """
-    from .io._fs import exists_error, local_path, tmp_sibling
+    from .io._fs import exists_error, get_fs, local_path, tmp_sibling
+    from .io.zarr import _hidden_sibling
 
     lp = local_path(output)
     if lp is None:
-        return output
+        fs, path = get_fs(output, storage_options)
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            return output
+        if not overwrite:
+            raise exists_error(output)
+        return _hidden_sibling(output, f"tmp-{uuid.uuid4().hex[:10]}") if temporary else output
     if os.path.lexists(lp) and not overwrite:
         raise exists_error(output)
     parent = os.path.dirname(lp) or "."
@@ -1038,26 +1071,53 @@ def _zarr_begin(output: str, storage_options: dict[str, Any] | None, overwrite: 
     return tmp_sibling(lp) if temporary else output
 
 
-def _zarr_commit(target: str, output: str, overwrite: bool) -> None:
-    from .io._fs import commit_local, local_path
+def _zarr_commit(target: str, output: str, overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
+    """Publish the complete store written at ``target`` as ``output`` (nothing to do when they are the same).
 
-    if target != output:
-        commit_local(target, local_path(output), overwrite)
+    A local store is renamed into place (the temporary is removed if that
+    fails); at a URL the keys are swapped by
+    :func:`tilepipe.io.zarr._replace_remote` (root ``zarr.json`` last): if
+    that fails, its error says where the complete new store was left.
+    """
+    from .io._fs import commit_local, get_fs, local_path, remove_local
+
+    if target == output:
+        return
+    lp = local_path(output)
+    if lp is not None:
+        try:
+            commit_local(target, lp, overwrite)
+        except BaseException:
+            remove_local(target)
+            raise
+        return
+    from .io.zarr import _replace_remote
+
+    fs, path = get_fs(output, storage_options)
+    _replace_remote(fs, get_fs(target, storage_options)[1], path, output)
 
 
 def _zarr_abort(target: str, output: str, storage_options: dict[str, Any] | None) -> None:
-    """Remove the store of a failed batch: the temporary one, or the remote ``output`` written in place."""
-    from .io._fs import get_fs, remove_local
+    """Remove the store of a failed batch: the hidden temporary one, or ``output`` when it was written in place.
 
-    if target != output:
+    A previous store being overwritten through a temporary is never touched
+    here (only :func:`_zarr_commit` replaces it).  On a URL the prefix is
+    removed until it stays empty (:func:`tilepipe.io.zarr._remove_remote`:
+    tasks still running may write a few more chunks after a failure).
+    """
+    from .io._fs import get_fs, local_path, remove_local
+
+    if local_path(target) is not None:
         remove_local(target)
         return
+    from .io.zarr import _remove_remote
+
     try:
-        fs, path = get_fs(output, storage_options)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        fs, path = get_fs(target, storage_options)
     except Exception as exc:  # noqa: BLE001 - best effort; the store carries no complete=True attribute
-        log.warning("cutouts: could not remove the incomplete store %s: %s", output, exc)
+        log.warning("cutouts: could not remove the incomplete store %s: %s", target, exc)
+        return
+    _remove_remote(fs, path, target)
 
 
 def _read_catalog(catalog: Any) -> Table:
@@ -1137,6 +1197,11 @@ def cutouts(
         row number as ``cutout_000042``).
     sky, sigma, gain, exptime, rdnoise, mask_sources, psf, fill_value, partial
         As in :func:`cutout` and :func:`write_cutout`.
+    overwrite : bool
+        Replace existing outputs (default: ``FileExistsError``).  A Zarr
+        store, local or at a URL, is written completely under a hidden
+        sibling name first and only then replaces the old one, so a failed
+        batch leaves the previous store as it was.
     compute : bool
         Run now (on the current Dask client, if any) and return the Table;
         ``False`` returns the list of delayed group tasks.
@@ -1216,7 +1281,8 @@ def cutouts(
         # compute=False: the caller runs the tasks, so they write straight into output (never marked complete)
         target = _zarr_begin(output, out_opts, overwrite, temporary=compute)
         try:
-            root = zarr.open_group(_zarr_store(target, out_opts), mode="w" if (overwrite or target != output) else "w-")
+            root = zarr.open_group(_zarr_store(target, out_opts), mode="w" if (overwrite or target != output) else "w-",
+                                   zarr_format=3)  # v3: the root zarr.json is the marker _zarr_commit moves last
             n = len(xs)
             for k, dt in (("image", "float32"), ("mask", "uint8"), ("sigma", "float32")):
                 root.create_array(k, shape=(n, ny, nx), chunks=(1, ny, nx), dtype=dt, fill_value=0)
@@ -1286,10 +1352,10 @@ def cutouts(
                 root["y0"][:] = np.asarray(table["y0"], np.int64)
             root.attrs["status"] = [str(s) for s in table["status"]]
             root.attrs["complete"] = True
-            _zarr_commit(target, output, overwrite)
         except BaseException:
             _zarr_abort(target, output, out_opts)
             raise
+        _zarr_commit(target, output, overwrite, out_opts)
     n_bad = int(np.sum(np.isin(table["status"], ["outside", "error"])))
     if n_bad:
         log.warning("cutouts: %d of %d targets could not be cut (see the 'status' and 'message' columns)", n_bad, len(table))

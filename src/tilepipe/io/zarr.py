@@ -125,6 +125,71 @@ def _dims(arr: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+_CF_KEYS = ("scale_factor", "add_offset", "_FillValue", "missing_value", "_Unsigned")
+
+
+def _cf_fill(value: Any, dtype: np.dtype) -> Any:
+    """A ``_FillValue`` attribute as written by xarray in Zarr v3 (floats as base64 of a little-endian double)."""
+    if dtype.kind == "f" and isinstance(value, str):
+        import base64
+        import struct
+
+        try:
+            return struct.unpack("<d", base64.standard_b64decode(value))[0]
+        except (ValueError, struct.error) as exc:
+            raise ValueError(f"cannot decode the _FillValue attribute {value!r} of a {dtype} Zarr array") from exc
+    return value
+
+
+def _variable(arr: Any, chunks: Any, decode_cf: bool) -> xr.Variable:
+    """One Zarr array as a lazy variable, CF-decoded (mask and scale) when ``decode_cf`` and it is CF-encoded.
+
+    Zarr v2 stores written by xarray (arrays with ``_ARRAY_DIMENSIONS``) keep ``_FillValue`` in the
+    array's ``fill_value``; v3 ones keep it in the attributes.  Arrays without any CF attribute
+    (``scale_factor``, ``add_offset``, ``_FillValue``, ``missing_value``, ``_Unsigned``) are returned
+    unchanged.
+    """
+    attrs = {k: v for k, v in arr.attrs.items() if k != "_ARRAY_DIMENSIONS"}
+    var = xr.Variable(_dims(arr), _dask_from(arr, chunks), attrs=attrs)
+    if not decode_cf:
+        return var
+    attrs = dict(attrs)
+    dtype = np.dtype(arr.dtype)
+    if "_FillValue" in attrs:
+        attrs["_FillValue"] = _cf_fill(attrs["_FillValue"], dtype)
+    elif arr.metadata.zarr_format == 2 and "_ARRAY_DIMENSIONS" in arr.attrs and arr.fill_value is not None:
+        attrs["_FillValue"] = arr.fill_value  # xarray's convention for Zarr v2
+    if not any(k in attrs for k in _CF_KEYS):
+        return var
+    from xarray.conventions import decode_cf_variable
+
+    # mask and scale only (lazy on dask: an elementwise map over the chunks); times stay as stored
+    return decode_cf_variable(arr.basename or "image", xr.Variable(var.dims, var.data, attrs=attrs),
+                              decode_times=False, decode_timedelta=False)
+
+
+def _written_by_tilepipe(attrs: Any) -> bool:
+    prov = attrs.get("provenance")
+    return isinstance(prov, dict) and prov.get("software") == "tilepipe"
+
+
+def _in_tilepipe_store(arr: Any, url: str, storage_options: dict[str, Any] | None) -> bool:
+    """True when the array at ``url`` is one variable of a store written by tilepipe (its parent group's
+    provenance says so).  Only looked up (one request) for an array with CF attributes."""
+    import zarr
+
+    if not any(k in arr.attrs for k in _CF_KEYS):
+        return False
+    parent = url.rstrip("/").rpartition("/")[0]
+    if not parent or parent.endswith(":/"):
+        return False
+    try:
+        group = zarr.open_group(store=_store(parent, storage_options, read_only=True), mode="r")
+    except Exception:  # noqa: BLE001 - no readable parent group: a standalone array store
+        return False
+    return _written_by_tilepipe(group.attrs)
+
+
 def read_zarr(url: Any, storage_options: dict[str, Any] | None = None, chunks: Any = None) -> xr.Dataset:
     """Open a Zarr store (v3, or v2) lazily as an :class:`xarray.Dataset`.
 
@@ -135,6 +200,15 @@ def read_zarr(url: Any, storage_options: dict[str, Any] | None = None, chunks: A
     (``store.zarr/mask``), becomes the single variable ``image`` (a 2-D array
     without dimension names on dims ``("y", "x")``), so
     :func:`tilepipe.open_image` opens it as an image.
+
+    Stores written by other software (xarray, v2 or v3) are CF-decoded,
+    lazily, as :func:`xarray.open_zarr` does: an array with ``scale_factor``
+    / ``add_offset`` becomes float (``raw * scale_factor + add_offset``), and
+    pixels equal to its ``_FillValue`` (``missing_value``) become NaN, which
+    :func:`tilepipe.open_image` masks.  The ``fill_value`` of a Zarr v2 array
+    counts as its ``_FillValue`` only in a store written the xarray way (with
+    ``_ARRAY_DIMENSIONS``).  Stores written by tilepipe (``provenance`` in
+    the group attrs) are read as stored, never decoded.
 
     Parameters
     ----------
@@ -160,15 +234,13 @@ def read_zarr(url: Any, storage_options: dict[str, Any] | None = None, chunks: A
     data_vars: dict[str, Any] = {}
     if isinstance(root, zarr.Array):
         # a plain array store (or the URL of one array of a group) is one image
-        data_vars["image"] = xr.Variable(
-            _dims(root), _dask_from(root, chunks), attrs={k: v for k, v in attrs.items() if k != "_ARRAY_DIMENSIONS"}
-        )
+        data_vars["image"] = _variable(root, chunks, decode_cf=not _in_tilepipe_store(root, url, storage_options))
         attrs = {}
     else:
+        # tilepipe's own stores are never CF-decoded: their variable attrs are the product's, verbatim
+        decode_cf = not _written_by_tilepipe(attrs)
         for name, arr in sorted(root.arrays(), key=lambda kv: kv[0]):
-            d = _dask_from(arr, chunks)
-            v = xr.Variable(_dims(arr), d, attrs={k: val for k, val in arr.attrs.items() if k != "_ARRAY_DIMENSIONS"})
-            data_vars[name] = v
+            data_vars[name] = _variable(arr, chunks, decode_cf)
     order = [k for k in ("image", "mask", "variance") if k in data_vars] + [k for k in data_vars if k not in ("image", "mask", "variance")]
     return xr.Dataset({k: data_vars[k] for k in order}, attrs=attrs)
 
