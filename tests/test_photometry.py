@@ -181,8 +181,26 @@ def test_aperture_annulus_sky_uses_the_summed_area():
         assert abs(out[f"flux_{tp.photometry._fmt(r)}"][0] - true_sum) < 0.05, (r, true_sum)
 
 
+def _sep_weights(x, y, r, subpix, shape):
+    """sep.sum_circle's weight of every pixel, one delta image at a time (independent of tilepipe's code)."""
+    w = np.zeros(shape)
+    half = int(np.ceil(r)) + 1
+    px, py = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    for iy in range(max(py - half, 0), min(py + half + 1, shape[0])):
+        for ix in range(max(px - half, 0), min(px + half + 1, shape[1])):
+            delta = np.zeros(shape, np.float32)
+            delta[iy, ix] = 1.0
+            w[iy, ix] = sep.sum_circle(delta, [x], [y], r, subpix=subpix)[0][0]
+    return w
+
+
 def test_aperture_masked_pixels_are_filled_by_the_aperture_mean():
-    """Documented behaviour: sep scales the unmasked sum by (summed area / unmasked area), FLAG_MASKED set."""
+    """sep scales the unmasked sum by (summed area / unmasked area), FLAG_MASKED set; flux_err is its noise.
+
+    The flux is ``S = (A / A_good) sum_good w f``, so for independent pixels
+    ``flux_err^2 = (A / A_good)^2 sum_good w^2 var + A^2 var(sky)``, with sep's
+    own pixel weights ``w`` (one delta image per pixel).
+    """
     from astropy.table import Table
     from tilepipe.image import make_dataset
 
@@ -199,8 +217,92 @@ def test_aperture_masked_pixels_are_filled_by_the_aperture_mean():
     star_unmasked = sep.sum_circle(np.where(mask, 0.0, star), [64.3], [63.8], 10.0, subpix=5)[0][0]
     assert area / unmasked > 1.03  # the column covers ~4 % of the aperture
     np.testing.assert_allclose(out["flux"][0], star_unmasked * area / unmasked, rtol=1e-5)
-    # the variance map is summed the same way: flux_err^2 = (area / unmasked) * unmasked variance + sky term
-    var_sum = unmasked * area / unmasked
+    w = _sep_weights(64.3, 63.8, 10.0, 5, img.shape)
+    np.testing.assert_allclose(w.sum(), area, rtol=1e-12)
+    var_sum = (area / unmasked) ** 2 * (w[~mask] ** 2).sum()  # variance 1 per pixel
     n = out["annulus_npix"][0]
     sky_var = np.pi / 2 * n / n ** 2
-    np.testing.assert_allclose(out["flux_err"][0] ** 2, var_sum + area ** 2 * sky_var, rtol=1e-5)
+    np.testing.assert_allclose(out["flux_err"][0] ** 2, var_sum + area ** 2 * sky_var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("subpix", [0, 1, 5])
+@pytest.mark.parametrize("r", [0.5, 2.3, 6.0])
+def test_aperture_weights_are_seps(subpix, r):
+    """The pixel weights behind flux_err (sum w^2 var) are sep.sum_circle's, at the image edge too."""
+    from tilepipe.photometry import _aperture_weights
+
+    shape = (20, 24)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    for x, y in [(10.0, 9.0), (11.37, 8.61), (0.2, 19.4), (23.5, 3.25)]:
+        ref = _sep_weights(x, y, r, subpix, shape)
+        got = _aperture_weights(xx - x, yy - y, r, subpix)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12, err_msg=f"{(x, y)}")
+
+
+def test_aperture_flux_err_without_mask_is_sum_w2_var():
+    """Unmasked aperture, no annulus: flux_err^2 = sum w^2 var exactly (not sep's sum w var)."""
+    from astropy.table import Table
+    from tilepipe.image import make_dataset
+
+    _, img = _star_on_flat_sky()
+    var = np.random.default_rng(5).uniform(1.0, 3.0, img.shape).astype(np.float32)
+    ds = make_dataset(img, variance=var)
+    out = tp.aperture_photometry(ds, Table({"x": [64.3], "y": [63.8]}), 3.0, background=1000.0)
+    assert out["flags"][0] == 0
+    w = _sep_weights(64.3, 63.8, 3.0, 5, img.shape)
+    np.testing.assert_allclose(out["flux_err"][0] ** 2, (w * w * var).sum(), rtol=1e-6)
+
+
+def _masked_star_grid(seed, flux=2e4, sigma=1.5, sky_var=100.0, gain=2.0, step=40, n=8, frac=(0.3, -0.2)):
+    """``n x n`` identical Gaussian stars (same sub-pixel offset) on a sky-subtracted image, one noise draw.
+
+    Returns the noisy image, its true variance map, the bad-pixel mask (the same pattern at every
+    star: two bad columns 2 and 3 px right of the centre pixel and a 4 x 4 block on the lower left) and the
+    star positions.
+    """
+    size = step * n + step // 2
+    yy, xx = np.mgrid[0:size, 0:size]
+    centres = step * np.arange(1, n + 1) - step // 2
+    xs, ys = np.meshgrid(centres + frac[0], centres + frac[1])
+    xs, ys = xs.ravel(), ys.ravel()
+    model = np.zeros((size, size))
+    mask = np.zeros((size, size), bool)
+    for x0, y0 in zip(xs, ys):
+        model += flux / (2 * np.pi * sigma ** 2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma ** 2))
+        px, py = int(np.floor(x0 + 0.5)), int(np.floor(y0 + 0.5))
+        mask[py - 7:py + 8, px + 2:px + 4] = True
+        mask[py - 5:py - 1, px - 5:px - 1] = True
+    var = sky_var + model / gain
+    rng = np.random.default_rng(seed)
+    img = model + rng.normal(0.0, 1.0, model.shape) * np.sqrt(var)
+    return img.astype(np.float32), var.astype(np.float32), mask, xs, ys
+
+
+@pytest.mark.parametrize("annulus", [None, (10.0, 16.0)])
+@pytest.mark.parametrize("subpix", [5, 0])
+def test_aperture_flux_err_with_masked_pixels_monte_carlo(annulus, subpix):
+    """flux_err is the noise of the reported flux, also when masked pixels are filled (Monte Carlo).
+
+    30 noise realisations x 64 identical stars whose r = 6 apertures hold the same masked pixels
+    (``A / A_good = 1.44``): the standard deviation of the measured fluxes must equal the mean
+    reported ``flux_err`` to 5 % (the statistical error of a standard deviation from 1920 draws is
+    1.6 %).  Before the fix the error was the scaled variance sum ``(A / A_good) sum w var``
+    instead of ``(A / A_good)^2 sum w^2 var``: 15 % too small here.
+    """
+    from astropy.table import Table
+    from tilepipe.image import make_dataset
+
+    fluxes, errs = [], []
+    for seed in range(30):
+        img, var, mask, xs, ys = _masked_star_grid(seed)
+        ds = make_dataset(img, mask=mask, variance=var)
+        out = tp.aperture_photometry(ds, Table({"x": xs, "y": ys}), 6.0, annulus=annulus, annulus_stat="mean",
+                                     background=0.0, subpix=subpix)
+        assert np.all(out["flags"] & tp.photometry.FLAG_MASKED)
+        fluxes.append(np.asarray(out["flux"]))
+        errs.append(np.asarray(out["flux_err"]))
+    fluxes, errs = np.concatenate(fluxes), np.concatenate(errs)
+    if annulus is None:  # every star has the same pixels, weights and variances: one error for all
+        assert np.ptp(errs) / np.mean(errs) < 1e-3
+    ratio = np.std(fluxes, ddof=1) / np.mean(errs)
+    assert abs(ratio - 1) < 0.05, ratio

@@ -356,3 +356,44 @@ def test_select_saturated_with_background_variable():
     # tolerating masked (saturated) pixels must not let saturated stars through
     lax = select_stars(dsb, cat, central_tol=4)
     assert not np.any(np.asarray(lax["keep"])[sat])
+
+
+# ----------------------------------------------------------------- PSF files at URLs
+def _put(local, url, storage_options=None):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs.put_file(str(local), path)
+
+
+@pytest.mark.parametrize("suffix", [".fits", ".fits.gz"])
+def test_load_psf_from_a_memory_url(tmp_path, suffix):
+    """load_psf reads a PSF file at an fsspec URL (gzipped too) exactly like the local file."""
+    import uuid
+
+    psf = MoffatPSF(fwhm=3.2, beta=2.8, size=21)
+    local = tmp_path / f"psf{suffix}"
+    psf.to_fits(local)
+    url = f"memory://tp-{uuid.uuid4().hex[:8]}/psf{suffix}"
+    _put(local, url)
+    for back in (load_psf(url), load_psf(url, storage_options={}), load_psf(str(local)), load_psf(local)):
+        assert back.kind == "moffat" and back.to_attrs() == psf.to_attrs()
+        np.testing.assert_array_equal(back.at(10.0, 10.0), psf.at(10.0, 10.0))
+    missing = url.replace("psf", "nopsf")
+    with pytest.raises(FileNotFoundError, match=r"PSF file not found: 'memory://.*nopsf"):
+        load_psf(missing)
+    with pytest.raises(FileNotFoundError, match="PSF file not found: .*check the path"):
+        load_psf(str(tmp_path / "nopsf.fits"))
+
+
+def test_load_psf_from_s3_with_storage_options(tmp_path, s3_bucket, psf_pixel):
+    """A pixel PSF model on an S3-compatible server, read with the credentials/endpoint in storage_options."""
+    name, opts = s3_bucket
+    psf_pixel.to_fits(tmp_path / "psf.fits")
+    url = f"s3://{name}/models/psf.fits"
+    _put(tmp_path / "psf.fits", url, opts)
+    back = load_psf(url, storage_options=opts)
+    local = load_psf(str(tmp_path / "psf.fits"))
+    assert back.to_attrs() == local.to_attrs()
+    np.testing.assert_array_equal(back.at(300.0, 700.0), local.at(300.0, 700.0))
+    np.testing.assert_allclose(back.at(300.0, 700.0), psf_pixel.at(300.0, 700.0), rtol=0, atol=1e-12)

@@ -543,7 +543,8 @@ def psf_cmd(ctx: Context, image: str, output: str, catalog: str | None, size: in
 
 @main.command("photometry")
 @click.argument("image")
-@click.option("--psf", "psf_path", required=True, help="PSF file written by `tilepipe psf`.")
+@click.option("--psf", "psf_path", required=True,
+              help="PSF file written by `tilepipe psf` (local path or URL; --storage-option applies).")
 @click.option("-o", "--output", required=True, help="Output catalog (.ecsv, .fits, .parquet).")
 @click.option("--catalog", default=None, help="Source catalog with x, y (default: detect sources).")
 @click.option("--fixed-position", is_flag=True, help="Hold positions at the catalog's x, y (fit fluxes only).")
@@ -562,7 +563,7 @@ def photometry_cmd(ctx: Context, image: str, psf_path: str, output: str, catalog
     ds = open_or_fail(image, hdu=_hdu(hdu), storage_options=opts)
     refuse_existing(output, overwrite, opts)  # before any computation
     try:
-        psf = load_psf(psf_path)
+        psf = load_psf(psf_path, storage_options=opts)
     except (OSError, ValueError, TypeError) as exc:
         fail(f"cannot read PSF {psf_path!r}: {exc}")
     with ctx.client():

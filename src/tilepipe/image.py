@@ -403,6 +403,23 @@ def _to_dask(arr: Any, chunks: Any, name: str, shape: tuple[int, ...] | None = N
     return d
 
 
+def _split_masked(arr: Any) -> tuple[Any, Any]:
+    """``(values, mask or None)`` of a :class:`numpy.ma.MaskedArray` (or a dask array of them).
+
+    ``np.asarray`` would silently drop the mask; the caller ORs it into the
+    Dataset's ``mask`` (True = bad).  Other inputs come back unchanged with
+    ``None``.
+    """
+    if isinstance(arr, xr.DataArray):
+        arr = arr.data
+    if isinstance(arr, np.ma.MaskedArray):
+        m = np.ma.getmaskarray(arr)
+        return np.ma.getdata(arr), (m if m.any() else None)
+    if isinstance(arr, da.Array) and isinstance(getattr(arr, "_meta", None), np.ma.MaskedArray):
+        return da.ma.getdata(arr), da.ma.getmaskarray(arr)
+    return arr, None
+
+
 def _native_float32(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(block, dtype=np.float32)
 
@@ -442,11 +459,18 @@ def make_dataset(
     Parameters
     ----------
     image : array-like (2-D)
-        Pixel values; converted to native-endian float32.
+        Pixel values; converted to native-endian float32.  A
+        :class:`numpy.ma.MaskedArray` (or a dask array of them) keeps its
+        mask: its masked pixels are bad (``mask`` True) and left out of the
+        default variance's sky statistics; their stored values are kept in
+        ``image``.
     mask : array-like of bool, optional
-        True = bad.  OR-ed with non-finite pixels and pixels >= ``saturation``.
+        True = bad.  OR-ed with non-finite pixels, pixels >= ``saturation``
+        and the masks of masked-array ``image``/``variance`` (masked entries
+        of a masked-array ``mask`` count as bad).
     variance : array-like, optional
         Per-pixel variance (image units squared).  Default: :func:`default_variance`.
+        The masked pixels of a masked array are bad (``mask`` True).
     header : astropy Header or list of cards, optional
     gain, saturation, fwhm : float, optional
         e-/ADU, image units, pixels.  Taken from the header (``GAIN``,
@@ -459,6 +483,14 @@ def make_dataset(
         Additional 2-D variables (e.g. ``background``) to carry.
     """
     cards = header_to_cards(header)
+    image, image_mask = _split_masked(image)
+    variance, var_mask = (None, None) if variance is None else _split_masked(variance)
+    if isinstance(mask, np.ma.MaskedArray):
+        mask = np.ma.filled(mask.astype(bool), True)
+    elif mask is not None:
+        mask, mask_mask = _split_masked(mask)
+        if mask_mask is not None:
+            mask = mask.astype(bool) | mask_mask
     img = _to_dask(image, chunks, "image")
     if img.dtype != np.float32 or not img.dtype.isnative:
         img = img.map_blocks(_native_float32, dtype=np.float32)
@@ -480,18 +512,27 @@ def make_dataset(
 
     stats = None
     r_img = None if region_of(image) is None else Region(_float32_region, {"a": region_of(image)})
-    if variance is None:
+    if variance is None and image_mask is not None:
+        # the masked pixels of a masked array often hold fill values: keep them out of the sky statistics
+        hidden = _to_dask(image_mask, img.chunks, "the mask of image", img.shape).astype(bool)
+        var, stats = _default_variance(da.where(hidden, np.float32(np.nan), img), gain)
+    elif variance is None:
         var, stats = _default_variance(img, gain, region=r_img)
     else:
         var = _to_dask(variance, img.chunks, "variance", img.shape)
         var = var.astype(np.float32)
+    for name, extra_mask in (("image", image_mask), ("variance", var_mask)):
+        if extra_mask is not None:  # the mask of a masked array: same shape as its values
+            bad = bad | _to_dask(extra_mask, img.chunks, f"the mask of {name}", img.shape).astype(bool)
     if bunit is None:
         for c in cards:
             if c[0] == "BUNIT":
                 bunit = str(c[1])
         bunit = bunit or "adu"
     bad, var = bad.rechunk(img.chunks), var.rechunk(img.chunks)
-    _register_regions(r_img, mask, variance, img, bad, var, stats, gain, saturation)
+    # a masked-array mask has no file region: then ``bad`` must not be read from the file alone
+    masks_in = mask if image_mask is None and var_mask is None else bad
+    _register_regions(r_img, masks_in, variance, img, bad, var, stats, gain, saturation)
     data_vars = {
         "image": (("y", "x"), img),
         "mask": (("y", "x"), bad),
@@ -545,6 +586,8 @@ def open_image(
         Dask chunk shape (default ``DEFAULT_CHUNK`` square).
     mask, variance : array-like or str, optional
         Extra bad-pixel mask (True = bad) and variance map (arrays or paths).
+        The masks of :class:`numpy.ma.MaskedArray` inputs (``src``,
+        ``variance``) are OR-ed into the Dataset's ``mask``.
     gain, saturation, fwhm : float, optional
         Override the header values (e-/ADU, image units, pixels).
     storage_options : dict, optional

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 #: the aperture (or fitting box) extends beyond the image edge
 FLAG_EDGE = 16
 #: the aperture / box contains masked pixels (aperture sums: filled with the mean of the unmasked
-#: aperture pixels, see :func:`aperture_photometry`; Gaussian photometry: left out of the fit)
+#: aperture pixels, flux_err the noise of that estimate, see :func:`aperture_photometry`;
+#: Gaussian photometry: left out of the fit)
 FLAG_MASKED = 32
 #: no positive second-moment width could be measured (Gaussian photometry)
 FLAG_NO_SIGMA = 512
@@ -76,6 +77,94 @@ def _prep(img: np.ndarray, bkg: np.ndarray | None, var: np.ndarray, mask: np.nda
     data = np.where(bad, np.float32(0), data).astype(np.float32)
     v = np.where(bad, np.float32(0), v).astype(np.float32)
     return np.ascontiguousarray(data), np.ascontiguousarray(v), np.ascontiguousarray(bad)
+
+
+def _quadrant_area(x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    """Signed area of the disc of radius ``r`` (centred on 0) inside ``[0, x] x [0, y]`` (pixels^2).
+
+    ``F(x, y) = int_0^x int_0^y 1[u^2 + v^2 < r^2] dv du``, odd in ``x`` and in ``y``
+    (the disc is symmetric), so the area inside any rectangle follows from
+    its four corners (:func:`_circle_overlap`).
+    """
+    ax = np.minimum(np.abs(x), r)
+    ay = np.minimum(np.abs(y), r)
+    r2 = r * r
+    # up to t1 the chord height sqrt(r^2 - t^2) exceeds ay: the rectangle; beyond, the circular segment
+    t1 = np.minimum(ax, np.sqrt(np.maximum(r2 - ay * ay, 0.0)))
+
+    def segment(a: np.ndarray) -> np.ndarray:  # int_0^a sqrt(r^2 - t^2) dt, 0 <= a <= r
+        return 0.5 * (a * np.sqrt(np.maximum(r2 - a * a, 0.0)) + r2 * np.arcsin(np.clip(a / r, -1.0, 1.0)))
+
+    return np.sign(x) * np.sign(y) * (ay * t1 + segment(ax) - segment(t1))
+
+
+def _circle_overlap(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Exact area of the unit pixel centred at ``(dx, dy)`` inside the circle of radius ``r`` around 0."""
+    x0, x1, y0, y1 = dx - 0.5, dx + 0.5, dy - 0.5, dy + 0.5
+    return (_quadrant_area(x1, y1, r) - _quadrant_area(x0, y1, r) - _quadrant_area(x1, y0, r)
+            + _quadrant_area(x0, y0, r))
+
+
+def _aperture_weights(dx: np.ndarray, dy: np.ndarray, r: float, subpix: int) -> np.ndarray:
+    """sep's ``sum_circle`` pixel weights ``w`` for pixel centres at offsets ``dx, dy`` from the centre.
+
+    The same rules as sep (``aperture.i``): ``w = 1`` for a pixel whose
+    centre is within ``r - 0.7072`` of the aperture centre, 0 beyond
+    ``r + 0.7072``, and in between the fraction of ``subpix x subpix``
+    sub-pixel centres inside the circle (``subpix = 0``: the exact
+    pixel/circle overlap area).  So ``sum w_i f_i`` is ``sep.sum_circle``'s
+    unmasked sum (to rounding, tested); used for ``sum w_i^2 var_i``, which
+    sep does not offer.
+    """
+    dx, dy = np.broadcast_arrays(np.asarray(dx, dtype=np.float64), np.asarray(dy, dtype=np.float64))
+    rin = r - 0.7072
+    rin2 = rin * rin if rin > 0.0 else 0.0
+    rout2 = (r + 0.7072) ** 2
+    rpix2 = dx * dx + dy * dy
+    w = (rpix2 < rout2).astype(np.float64)
+    part = (rpix2 < rout2) & (rpix2 > rin2)
+    if not part.any():
+        return w
+    px, py = dx[part], dy[part]
+    if subpix == 0:
+        w[part] = _circle_overlap(px, py, r)
+        return w
+    scale = 1.0 / subpix
+    offset = 0.5 * (scale - 1.0)
+    r2 = r * r
+    count = np.zeros(px.shape)
+    sy = py + offset
+    for _ in range(subpix):  # the sub-pixel grid, stepped like sep's loops
+        dy2 = sy * sy
+        sx = px + offset
+        for _ in range(subpix):
+            count += sx * sx + dy2 < r2
+            sx = sx + scale
+        sy = sy + scale
+    w[part] = count * (scale * scale)
+    return w
+
+
+def _weighted_var_sums(v: np.ndarray, lx: np.ndarray, ly: np.ndarray, r: float, subpix: int) -> np.ndarray:
+    """``sum_i w_i^2 v_i`` per position over the circle of radius ``r`` (``w``: :func:`_aperture_weights`).
+
+    ``v`` is the block's variance with masked pixels already 0; pixels off the
+    block count as 0 (the block edge is the image edge, see the caller).
+    """
+    h, w = v.shape
+    half = int(math.ceil(r)) + 1
+    off = np.arange(-half, half + 1)
+    out = np.zeros(lx.size)
+    step = max(1, 2_000_000 // off.size ** 2)  # positions per batch: bounded memory
+    for a in range(0, lx.size, step):
+        bx, by = lx[a:a + step], ly[a:a + step]
+        xs = np.floor(bx + 0.5).astype(np.int64)[:, None, None] + off[None, None, :]
+        ys = np.floor(by + 0.5).astype(np.int64)[:, None, None] + off[None, :, None]
+        wts = _aperture_weights(xs - bx[:, None, None], ys - by[:, None, None], r, subpix)
+        on = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+        vals = v[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)].astype(np.float64)
+        out[a:a + step] = (np.where(on, wts * wts * vals, 0.0)).sum(axis=(1, 2))
+    return out
 
 
 def _aperture_block(img, var, mask, *maybe_bkg, x, y, origin, shape, radii, annulus, annulus_stat, subpix):
@@ -121,21 +210,26 @@ def _aperture_block(img, var, mask, *maybe_bkg, x, y, origin, shape, radii, annu
                 sky_var[i] = vv.sum() / vals.size ** 2
         out["annulus_sky"] = sky
         out["annulus_npix"] = nann
-    ones = np.ones(data.shape, dtype=np.float32) if annulus is not None else None
+    ones = np.ones(data.shape, dtype=np.float32)
+    good = (~bad).astype(np.float32)
     for r in radii:
-        # the variance map is summed with the same pixel weights as the image (no gain term:
-        # the variance already holds the Poisson noise); the block edge is only reached at the
-        # image edge because overlap >= support, so sep's truncation flag means the image edge.
-        # With masked pixels sep scales both sums by (area on the image / unmasked area).
+        # the block edge is only reached at the image edge because overlap >= support, so sep's
+        # truncation flag means the image edge.  With masked pixels sep scales the sum of the
+        # unmasked ones by A / A_good (see aperture_photometry).
         with _SEP_LOCK:
             s, _, f = sep.sum_circle(data, lx, ly, float(r), mask=bad, subpix=int(subpix))
-            var_sum, _, _ = sep.sum_circle(v, lx, ly, float(r), mask=bad, subpix=int(subpix))
-            # the area the sums cover: sep's pixel weights (subpix sampling, cut by the image edge),
-            # not pi r^2, so that a flat annulus sky cancels exactly
-            area = (np.asarray(sep.sum_circle(ones, lx, ly, float(r), subpix=int(subpix))[0], dtype=np.float64)
-                    if annulus is not None else 0.0)
-        flux = np.asarray(s, dtype=np.float64) - area * sky
-        err = np.sqrt(np.asarray(var_sum, dtype=np.float64) + area * area * sky_var)
+            # A: the area the sums cover, sep's pixel weights (subpix sampling, cut by the image edge),
+            # not pi r^2, so that a flat annulus sky cancels exactly; A_good: the same over unmasked pixels
+            area = np.asarray(sep.sum_circle(ones, lx, ly, float(r), subpix=int(subpix))[0], dtype=np.float64)
+            area_good = np.asarray(sep.sum_circle(good, lx, ly, float(r), subpix=int(subpix))[0], dtype=np.float64)
+        # the variance of S = (A / A_good) sum_good w f for independent pixels (no gain term: the
+        # variance map already holds the Poisson noise); v is 0 at masked pixels
+        w2var = _weighted_var_sums(v, lx, ly, float(r), int(subpix))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fill = np.where(area_good > 0, area / area_good, np.nan)
+        flux = np.asarray(s, dtype=np.float64) - (area * sky if annulus is not None else 0.0)
+        err = np.sqrt(fill * fill * w2var + (area * area * sky_var if annulus is not None else 0.0))
+        flux = np.where(area_good > 0, flux, np.nan)
         flags |= np.asarray(f, dtype=np.int32)
         key = _fmt(r)
         out[f"flux_{key}"] = flux
@@ -178,26 +272,41 @@ def aperture_photometry(
     around each position, with pixel/circle overlap weights (sep's
     ``sum_circle``, ``subpix`` sub-sampling at the boundary)::
 
-        flux = S - A * sky,                 S = (A / A_good) sum_{i good} w_i f_i
-        flux_err^2 = V + A^2 var(sky),      V = (A / A_good) sum_{i good} w_i var_i
+        flux = S - A * sky,                   S = (A / A_good) sum_{i good} w_i f_i
+        flux_err^2 = V + A^2 var(sky),        V = (A / A_good)^2 sum_{i good} w_i^2 var_i
 
-    where ``w_i`` is the pixel's fractional overlap with the aperture,
-    ``A = sum_i w_i`` over the aperture's pixels on the image (``pi r^2`` up
-    to the ``subpix`` sampling; less where the image edge cuts the aperture,
-    ``FLAG_EDGE``), ``A_good`` the same sum over the unmasked ones, and
-    ``sky`` the local annulus level (0 without ``annulus``).
+    where ``w_i`` is the pixel's fractional overlap with the aperture
+    (dimensionless, 0 to 1), ``A = sum_i w_i`` over the aperture's pixels on
+    the image (pixels; ``pi r^2`` up to the ``subpix`` sampling, less where
+    the image edge cuts the aperture, ``FLAG_EDGE``), ``A_good`` the same
+    sum over the unmasked ones, ``f_i`` and ``var_i`` the pixel values (ADU)
+    and variances (ADU^2), and ``sky`` the local annulus level (ADU per
+    pixel; 0 without ``annulus``).
+
+    ``V`` is the exact variance of ``S`` for independent pixel noise: ``S``
+    is linear in the ``f_i`` with coefficients ``(A / A_good) w_i``.  Note
+    ``w_i^2``, not sep's own error sum ``(A / A_good) sum w_i var_i``: that
+    counts a boundary pixel's noise in proportion to its area although its
+    whole value enters with weight ``w_i`` (a few % too large an error
+    without masked pixels), and with masked pixels it lacks one factor
+    ``A / A_good`` (too small by up to ``sqrt(A / A_good)``).  The weights
+    ``w_i`` are sep's (same sub-pixel grid, or the exact overlap area for
+    ``subpix=0``), recomputed here because sep offers no ``w^2`` sum.  Noise
+    correlated between pixels (resampled images) is not modelled.
+    ``var(sky)`` assumes the annulus pixels are independent of the aperture
+    pixels (``r_in >= r``).
 
     Masked pixels (``mask`` True, or a non-finite image or variance, or a
     negative variance) set ``FLAG_MASKED`` (32) and are **not** simply left
-    out: their values are ignored and sep scales the sums of the unmasked
+    out: their values are ignored and sep scales the sum of the unmasked
     pixels by ``A / A_good``, i.e. they are filled with the mean (per unit
     area) of the unmasked aperture pixels.  A flat sky is then still
-    subtracted exactly, but the source flux is biased when the masked
-    pixels are brighter or fainter than the aperture mean (a masked core
-    under-, a masked wing over-estimates it), and ``V`` is the scaled
-    variance sum, not the variance ``(A / A_good)^2 sum w_i^2 var_i`` of the
-    scaled estimator, so ``flux_err`` is then too small by up to a factor
-    ``sqrt(A / A_good)``.  Treat ``FLAG_MASKED`` rows accordingly.
+    subtracted exactly, and ``flux_err`` is the noise of this estimator (a
+    Monte-Carlo test checks it), but the source flux is biased when the
+    masked pixels are brighter or fainter than the aperture mean (a masked
+    core under-, a masked wing over-estimates it); ``flux_err`` does not
+    include that bias.  Treat ``FLAG_MASKED`` rows accordingly.  With every
+    aperture pixel masked the flux and its error are NaN.
 
     Parameters
     ----------

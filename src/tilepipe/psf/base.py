@@ -152,25 +152,66 @@ class BasePSF:
         os.replace(tmp, path)
 
     @classmethod
-    def from_fits(cls, path: str | os.PathLike) -> "BasePSF":
-        """Read a PSF written by :meth:`to_fits` (any kind)."""
+    def from_fits(cls, path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> "BasePSF":
+        """Read a PSF written by :meth:`to_fits` (any kind).
+
+        Parameters
+        ----------
+        path : str or path
+            Local path or fsspec URL (``file://``, ``memory://``, ``s3://``...);
+            gzip-compressed files are read too.
+        storage_options : dict, optional
+            fsspec options for a URL (e.g. ``{"key": ..., "secret": ...,
+            "client_kwargs": {"endpoint_url": ...}}`` for S3), as for
+            :func:`tilepipe.open_image`.
+        """
+        import io
+
         from astropy.io import fits
 
-        with fits.open(os.fspath(path)) as hdul:
+        from ..io import _fs
+
+        url = _fs.as_str(path, "path")
+        lp = _fs.local_path(url)
+        try:
+            if lp is not None:
+                hdul = fits.open(lp)
+            else:
+                fs, fpath = _fs.get_fs(url, storage_options)
+                # a PSF file is small: one GET, then astropy reads (and un-gzips) it from memory
+                hdul = fits.open(io.BytesIO(fs.cat_file(fpath)))
+        except FileNotFoundError as exc:
+            if lp is not None:
+                raise FileNotFoundError(f"PSF file not found: {lp!r}; check the path") from exc
+            fs, _ = _fs.get_fs(url, storage_options)
+            raise FileNotFoundError(f"PSF file not found: {url!r}; {_fs.describe_remote(fs, url)}") from exc
+        with hdul:
             if "TPPSF" not in hdul:
-                raise ValueError(f"{path} is not a tilepipe PSF file (no TPPSF extension); write it with PSFModel.to_fits")
+                raise ValueError(
+                    f"{path} is not a tilepipe PSF file (no TPPSF extension); write it with PSFModel.to_fits"
+                )
             text = hdul["TPPSF"].data["JSON"][0]
         if isinstance(text, bytes):
             text = text.decode()
         return load_psf(json.loads(text))
 
 
-def load_psf(src: Any) -> BasePSF:
-    """Return a PSF from a FITS path, a :meth:`BasePSF.to_attrs` dict, or a PSF (passed through)."""
+def load_psf(src: Any, storage_options: dict[str, Any] | None = None) -> BasePSF:
+    """Return a PSF from a FITS file, a :meth:`BasePSF.to_attrs` dict, or a PSF (passed through).
+
+    Parameters
+    ----------
+    src : str, path, dict or BasePSF
+        A file written by :meth:`BasePSF.to_fits` (``tilepipe psf``): local
+        path or fsspec URL (``memory://``, ``s3://``...); an attrs dict; or a PSF.
+    storage_options : dict, optional
+        fsspec options for a URL (credentials, ``client_kwargs={"endpoint_url": ...}``);
+        ignored for the other kinds of ``src``.
+    """
     if isinstance(src, BasePSF):
         return src
     if isinstance(src, (str, os.PathLike)):
-        return BasePSF.from_fits(src)
+        return BasePSF.from_fits(src, storage_options=storage_options)
     if isinstance(src, dict):
         kind = src.get("type")
         if kind in ("pixel", "kl"):
@@ -186,4 +227,4 @@ def load_psf(src: Any) -> BasePSF:
 
             return MoffatPSF._from_attrs(src)
         raise ValueError(f"unknown PSF type {kind!r} in attrs; expected 'pixel', 'kl', 'gaussian' or 'moffat'")
-    raise TypeError(f"cannot load a PSF from {type(src).__name__}; pass a FITS path, an attrs dict or a PSF")
+    raise TypeError(f"cannot load a PSF from {type(src).__name__}; pass a FITS path or URL, an attrs dict or a PSF")
