@@ -439,3 +439,22 @@ def test_batch_zarr_remote_failed_overwrite_keeps_the_old_store(field, remote_za
     prefix = fsspec.core.url_to_fs(url, **opts)[1].rstrip("/")
     assert fs_keys and all(k.startswith(prefix + "/") for k in fs_keys)  # no temporaries
     assert not any(k.endswith("image/c/1/0/0") for k in fs_keys)
+
+
+def test_batch_zarr_compute_false_records_the_origins(tmp_path):
+    """compute=False (the caller runs the tasks) writes the same cutout origins as compute=True (they were left
+    at -1, so the stored WCS note could not rebuild the cutouts' WCS)."""
+    import dask
+    import zarr
+
+    img = np.random.default_rng(0).normal(100, 5, (256, 256)).astype("f4")
+    cat = Table({"x": [50.0, 120.0, 3.0], "y": [60.0, 200.0, 5.0]})
+    with dask.config.set(scheduler="synchronous"):
+        tasks = tp.cutouts(tp.open_image(img), cat, 21, output=str(tmp_path / "lazy.zarr"), unit="pix", compute=False)
+        dask.compute(*tasks)
+        table = tp.cutouts(tp.open_image(img), cat, 21, output=str(tmp_path / "now.zarr"), unit="pix")
+    lazy, now = (zarr.open_group(str(tmp_path / n), mode="r") for n in ("lazy.zarr", "now.zarr"))
+    np.testing.assert_array_equal(lazy["x0"][:], np.asarray(table["x0"]))
+    np.testing.assert_array_equal(lazy["y0"][:], np.asarray(table["y0"]))
+    np.testing.assert_array_equal(now["x0"][:], lazy["x0"][:])
+    np.testing.assert_array_equal(lazy["image"][:], now["image"][:])

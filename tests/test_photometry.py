@@ -306,3 +306,22 @@ def test_aperture_flux_err_with_masked_pixels_monte_carlo(annulus, subpix):
         assert np.ptp(errs) / np.mean(errs) < 1e-3
     ratio = np.std(fluxes, ddof=1) / np.mean(errs)
     assert abs(ratio - 1) < 0.05, ratio
+
+
+def test_default_background_fits_small_images_and_many_tiles():
+    """Without a background, the photometry functions estimate the mesh background like detect_sources: a tiling
+    the mesh allows and, on an image smaller than one mesh, a smaller mesh with a warning (both used to raise)."""
+    from tilepipe.exceptions import FallbackWarning
+
+    f = make_field((512, 512), seed=4)
+    cat = f.stars[np.asarray(f.stars["snr"]) > 30]
+    one = tp.aperture_photometry(f.image, cat, 4.0)
+    many = tp.aperture_photometry(f.image, cat, 4.0, nx=10)  # 8 meshes across
+    np.testing.assert_allclose(many["flux"], one["flux"], rtol=1e-4)
+    np.testing.assert_allclose(tp.gaussian_psf_photometry(f.image, cat, nx=10)["flux"],
+                               tp.gaussian_psf_photometry(f.image, cat)["flux"], rtol=1e-4)
+    small = make_field((48, 48), seed=1, n_stars=2)
+    with pytest.warns(FallbackWarning, match="smaller than one 64-px background mesh"):
+        out = tp.aperture_photometry(small.image, small.stars, 4.0)
+    bright = np.asarray(small.stars["snr"]) > 30
+    np.testing.assert_allclose(np.asarray(out["flux"])[bright], np.asarray(small.stars["flux"])[bright], rtol=0.1)

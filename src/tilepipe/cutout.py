@@ -1288,9 +1288,13 @@ def cutouts(
                 root.create_array(k, shape=(n, ny, nx), chunks=(1, ny, nx), dtype=dt, fill_value=0)
             for k, v in (("x", xs), ("y", ys), ("ra", ra), ("dec", dec)):
                 root.create_array(k, shape=(n,), dtype="float64")[:] = np.asarray(v, float)
-            # the origins are filled from the results (cutouts that could not be cut get -1, as in the table)
-            root.create_array("x0", shape=(n,), dtype="int64", fill_value=-1)
-            root.create_array("y0", shape=(n,), dtype="int64", fill_value=-1)
+            # the planned (padded) origins; with compute=True they are overwritten from the results (a cutout
+            # that could not be cut gets -1, as in the table), with compute=False they are what the tasks cut
+            boxes = [_box(a, b, ny, nx) for a, b in zip(xs, ys)]
+            root.create_array("x0", shape=(n,), dtype="int64", fill_value=-1)[:] = np.array(
+                [b[2] for b in boxes], dtype=np.int64).reshape(n)
+            root.create_array("y0", shape=(n,), dtype="int64", fill_value=-1)[:] = np.array(
+                [b[0] for b in boxes], dtype=np.int64).reshape(n)
             root.attrs.update({"header": cards, "names": names, "size": [ny, nx], "mask_convention": "1 = bad",
                                "wcs_note": "cutout i's WCS = header with CRPIX1 -= x0[i], CRPIX2 -= y0[i]"})
         except BaseException:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Sequence
 
 import dask.array as da
@@ -25,6 +26,7 @@ from astropy.table import Table
 
 from ._validate import check_choice, check_int, check_positive
 from .detect import _f32, _meta, _positions, _SEP_LOCK, rows_per_tile
+from .exceptions import FallbackWarning
 from .tiling import make_grid
 
 __all__ = ["aperture_photometry", "gaussian_psf_photometry", "FLAG_EDGE", "FLAG_MASKED", "FLAG_NO_SIGMA"]
@@ -53,9 +55,14 @@ def _background_map(ds: xr.Dataset, background: Any, need_global: bool, nx: int,
             return ds["background"].data
         if not need_global:
             return None
-        from .background import estimate_background
+        from .background import estimate_background, fit_mesh_to_image
 
-        return estimate_background(ds, nx=nx, ny=ny)["background"].data
+        # as detect_sources: the mesh background's maps do not depend on its tiling (capped to what the mesh
+        # allows), and an image smaller than one mesh gets a smaller mesh with a warning
+        mesh, bnx, bny, message = fit_mesh_to_image(shape, 64, nx, ny if ny is not None else nx)
+        if message:
+            warnings.warn(message, FallbackWarning, stacklevel=3)
+        return estimate_background(ds, mesh, nx=bnx, ny=bny)["background"].data
     if isinstance(background, xr.Dataset):
         if "background" not in background:
             raise ValueError("the background Dataset has no 'background' variable; pass tilepipe.estimate_background(ds)")

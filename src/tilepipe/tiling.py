@@ -45,8 +45,9 @@ def split_edges(n: int, k: int, align: int = 1) -> np.ndarray:
     Core boundaries fall on multiples of ``align`` (except the image edge);
     core sizes, counted in units of ``align``, differ by at most one (the
     larger ones first), and the last core takes the remainder when ``n`` is not
-    a multiple of ``align`` (with a whole cell too, unless there are as many
-    tiles as cells).
+    a multiple of ``align``; that partial cell never forms a core alone when
+    another core can spare a whole cell (the last core then has one more cell
+    than the one before it).
 
     Returns
     -------
