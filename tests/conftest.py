@@ -64,6 +64,32 @@ def s3_bucket(s3_server):
     yield name, s3_server
 
 
+@pytest.fixture(params=["memory", "s3"])
+def remote_folder(request):
+    """``(folder_url, storage_options)`` of a fresh, empty folder on ``memory://`` or on the moto S3 server."""
+    import uuid
+
+    if request.param == "memory":
+        return f"memory://tp-{uuid.uuid4().hex[:8]}/run", {}
+    name, opts = request.getfixturevalue("s3_bucket")
+    return f"s3://{name}/run", opts
+
+
+def folder_keys(url, opts):
+    """Every object under the folder that holds ``url`` (a fresh listing, no cache)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    fs.invalidate_cache()
+    return sorted(fs.find(path.rstrip("/").rsplit("/", 1)[0]))
+
+
+@pytest.fixture
+def remote_keys():
+    """:func:`folder_keys`, for tests."""
+    return folder_keys
+
+
 @pytest.fixture(scope="session")
 def local_cluster():
     """A real ``distributed.LocalCluster`` with 2 worker processes (session-wide)."""

@@ -385,27 +385,13 @@ def test_batch_zarr_failure_leaves_no_half_written_store(field, tmp_path):
         cutouts(ds0, cat, 21, unit="pix", output=str(out))
 
 
-@pytest.fixture(params=["memory", "s3"])
-def remote_zarr(request):
+@pytest.fixture
+def remote_zarr(remote_folder):
     """``(url, storage_options)`` of a fresh batch store name on ``memory://`` or on the moto S3 server."""
-    import uuid
-
-    if request.param == "memory":
-        return f"memory://tp-{uuid.uuid4().hex[:8]}/run/cuts.zarr", {}
-    name, opts = request.getfixturevalue("s3_bucket")
-    return f"s3://{name}/run/cuts.zarr", opts
+    return f"{remote_folder[0]}/cuts.zarr", remote_folder[1]
 
 
-def _remote_keys(url, opts):
-    """Every object under the folder that holds ``url`` (fresh listing)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **opts)
-    fs.invalidate_cache()
-    return sorted(fs.find(path.rstrip("/").rsplit("/", 1)[0]))
-
-
-def test_batch_zarr_remote_failed_overwrite_keeps_the_old_store(field, remote_zarr):
+def test_batch_zarr_remote_failed_overwrite_keeps_the_old_store(field, remote_zarr, remote_keys):
     """A remote batch store was opened with mode='w' in place: a failed overwrite deleted the previous
     complete store.  Now the new one is written under a hidden sibling prefix and swapped in when complete."""
     import fsspec
@@ -416,7 +402,7 @@ def test_batch_zarr_remote_failed_overwrite_keeps_the_old_store(field, remote_za
     cat = Table({"x": [100.0, 450.0], "y": [100.0, 300.0]})
     good = cutouts(ds0, cat, 21, unit="pix", output=url, output_storage_options=opts)
     assert list(good["status"]) == ["ok", "ok"]
-    before_keys = _remote_keys(url, opts)
+    before_keys = remote_keys(url, opts)
     before = zarr.open_group(url, mode="r", storage_options=opts)["image"][:]
     bad = tp.open_image(da.from_array(FailingArray(ds0["image"].values, fail_x=400), chunks=64, asarray=False))
     with pytest.raises(OSError, match="simulated"):
@@ -424,18 +410,18 @@ def test_batch_zarr_remote_failed_overwrite_keeps_the_old_store(field, remote_za
     root = zarr.open_group(url, mode="r", storage_options=opts)
     assert root.attrs["complete"] is True and list(root.attrs["status"]) == ["ok", "ok"]
     np.testing.assert_array_equal(root["image"][:], before)
-    assert _remote_keys(url, opts) == before_keys  # unchanged, and no hidden temporary left beside it
+    assert remote_keys(url, opts) == before_keys  # unchanged, and no hidden temporary left beside it
     # without overwrite an existing store is refused before anything is written
     with pytest.raises(FileExistsError, match="overwrite"):
         cutouts(ds0, cat, 21, unit="pix", output=url, output_storage_options=opts)
-    assert _remote_keys(url, opts) == before_keys
+    assert remote_keys(url, opts) == before_keys
     # a successful overwrite replaces it (the old third slot and its chunks are gone)
     one = cutouts(ds0, cat[:1], 15, unit="pix", output=url, output_storage_options=opts, overwrite=True)
     assert list(one["status"]) == ["ok"]
     root = zarr.open_group(url, mode="r", storage_options=opts)
     assert root["image"].shape == (1, 15, 15) and root.attrs["complete"] is True
     np.testing.assert_array_equal(root["image"][0], cutout(ds0, x=100.0, y=100.0, size=15, unit="pix")["image"].values)
-    fs_keys = _remote_keys(url, opts)
+    fs_keys = remote_keys(url, opts)
     prefix = fsspec.core.url_to_fs(url, **opts)[1].rstrip("/")
     assert fs_keys and all(k.startswith(prefix + "/") for k in fs_keys)  # no temporaries
     assert not any(k.endswith("image/c/1/0/0") for k in fs_keys)

@@ -3,7 +3,6 @@ from a lazy product of itself (open, image + 1, write back with ``overwrite=True
 
 from __future__ import annotations
 
-import uuid
 
 import dask.array as da
 import fsspec
@@ -23,35 +22,24 @@ def _failing_dataset(shape=(64, 64)):
     return tp.open_image(da.ones(shape, dtype=np.float32, chunks=32).map_blocks(boom, dtype=np.float32))
 
 
-@pytest.fixture(params=["memory", "s3"])
-def remote(request):
+@pytest.fixture
+def remote(remote_folder):
     """``(url, storage_options)`` of a fresh store name on ``memory://`` or on the moto S3 server."""
-    if request.param == "memory":
-        return f"memory://tp-{uuid.uuid4().hex[:8]}/run/img.zarr", {}
-    name, opts = request.getfixturevalue("s3_bucket")
-    return f"s3://{name}/run/img.zarr", opts
+    return f"{remote_folder[0]}/img.zarr", remote_folder[1]
 
 
-def _keys(url, opts):
-    """Every object under the folder that holds ``url`` (fresh listing)."""
-    fs, path = fsspec.core.url_to_fs(url, **opts)
-    fs.invalidate_cache()
-    parent = path.rstrip("/").rsplit("/", 1)[0]
-    return sorted(fs.find(parent))
-
-
-def test_failed_remote_overwrite_keeps_the_old_store(remote):
+def test_failed_remote_overwrite_keeps_the_old_store(remote, remote_keys):
     url, opts = remote
     tio.write_zarr(tp.open_image(np.full((64, 64), 7, np.float32)), url, storage_options=opts)
-    before = _keys(url, opts)
+    before = remote_keys(url, opts)
     with pytest.raises(RuntimeError, match="disk on fire"):
         tio.write_zarr(_failing_dataset(), url, overwrite=True, storage_options=opts)
     back = tio.read_zarr(url, storage_options=opts)
     assert float(back["image"].values.mean()) == 7.0
-    assert _keys(url, opts) == before  # the old store is intact and no temporary is left beside it
+    assert remote_keys(url, opts) == before  # the old store is intact and no temporary is left beside it
 
 
-def test_remote_inplace_lazy_update(remote):
+def test_remote_inplace_lazy_update(remote, remote_keys):
     url, opts = remote
     tio.write_zarr(tp.open_image(np.full((64, 64), 7, np.float32), chunks=32), url, storage_options=opts)
     ds = tp.open_image(url, storage_options=opts)
@@ -61,10 +49,10 @@ def test_remote_inplace_lazy_update(remote):
     np.testing.assert_array_equal(back["image"].values, np.full((64, 64), 8, np.float32))
     assert back["mask"].dtype == bool and not back["mask"].values.any()
     fs, path = fsspec.core.url_to_fs(url, **opts)
-    assert [k for k in _keys(url, opts) if not k.startswith(path.rstrip("/") + "/")] == []  # no temporaries
+    assert [k for k in remote_keys(url, opts) if not k.startswith(path.rstrip("/") + "/")] == []  # no temporaries
 
 
-def test_remote_overwrite_drops_old_variables_and_chunks(remote):
+def test_remote_overwrite_drops_old_variables_and_chunks(remote, remote_keys):
     url, opts = remote
     big = tp.open_image(np.full((96, 96), 3, np.float32), chunks=32)
     big["extra"] = big["image"] * 2
@@ -75,4 +63,4 @@ def test_remote_overwrite_drops_old_variables_and_chunks(remote):
     assert "extra" not in back and back["image"].shape == (20, 30)
     assert float(back["image"].values.mean()) == 5.0
     fs, path = fsspec.core.url_to_fs(url, **opts)
-    assert not any("/extra/" in k for k in _keys(url, opts))
+    assert not any("/extra/" in k for k in remote_keys(url, opts))
