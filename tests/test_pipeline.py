@@ -403,3 +403,225 @@ def test_subtract_step_options_override_run_tiling(night, tmp_path, synchronous)
     prod = tp.open_image(str(tmp_path / "out" / "exp0" / "products.zarr"))
     grid = prod.attrs["subtraction"]["grid"]
     assert grid["nx"] == 1 and grid["ny"] == 2 and list(grid["overlap"]) == [48, 48]
+
+
+# ------------------------------------------------------- review fixes
+def _files_containing(root: Path, needle: bytes) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes())
+
+
+def test_storage_options_are_redacted_in_every_record(night, tmp_path, synchronous):
+    """Credentials from [run] storage_options never reach the products or the summary; keys are kept."""
+    out = tmp_path / "out"
+    cfg = _config(night, out, steps={"background": {"mesh": 32}}, quicklook=False, nx=1, ny=1, overlap=0)
+    cfg["exposures"]["paths"] = [str(night / "raw" / "exp0.fits")]
+    cfg["run"]["storage_options"] = {"secret": "MY-SECRET-KEY", "client_kwargs": {"token": "MY-SECRET-TOKEN"}}
+    s = run_pipeline(cfg, client=_NoClient())
+    assert s["n_done"] == 1, s["exposures"]
+    for needle in (b"MY-SECRET-KEY", b"MY-SECRET-TOKEN"):
+        assert _files_containing(out, needle) == []
+    assert "MY-SECRET" not in json.dumps(s, default=str)
+    redacted = {"secret": "***", "client_kwargs": {"token": "***"}}
+    rec = json.loads((out / "exp0" / "_COMPLETE.json").read_text())
+    assert rec["config"]["run"]["storage_options"] == redacted
+    assert json.loads((out / "summary.json").read_text())["config"]["run"]["storage_options"] == redacted
+    prod = tp.open_image(str(out / "exp0" / "products.zarr"))
+    assert json.loads(prod.attrs["tilepipe_config"])["run"]["storage_options"] == redacted
+    # the caller's config is untouched
+    assert cfg["run"]["storage_options"]["secret"] == "MY-SECRET-KEY"
+
+
+@pytest.fixture(scope="module")
+def cal_frames(night):
+    from astropy.io import fits
+
+    root = night / "cal"
+    root.mkdir(exist_ok=True)
+    for name, value in (("bias", 1.0), ("dark", 5.0), ("flat", 3.0)):
+        fits.writeto(root / f"{name}.fits", np.full((SIZE, SIZE), value, np.float32), overwrite=True)
+    return {k: str(root / f"{k}.fits") for k in ("bias", "dark", "flat")}
+
+
+@pytest.mark.parametrize(
+    "cal_opts,step_opts,expect",
+    [
+        ({"dark_scale": 2.0, "flat_norm": 4.0}, {}, {"dark_scale": 2.0, "flat_norm": 4.0}),
+        ({"dark_scale": 0.0}, {}, {"dark_scale": 0.0}),
+        # [steps] calibrate options take precedence over [calibration]
+        ({"dark_scale": 3.0, "flat_norm": 4.0}, {"dark_scale": 0.5}, {"dark_scale": 0.5, "flat_norm": 4.0}),
+    ],
+    ids=["calibration", "dark_scale_0", "steps_override"],
+)
+def test_calibration_dark_scale_and_flat_norm_are_applied(night, tmp_path, synchronous, cal_frames, cal_opts,
+                                                          step_opts, expect):
+    out = tmp_path / "out"
+    cfg = _config(night, out, steps={"calibrate": step_opts}, quicklook=False, nx=1, ny=1, overlap=0)
+    cfg["exposures"]["paths"] = [str(night / "raw" / "exp0.fits")]
+    cfg["calibration"] = {**cal_frames, **cal_opts}
+    s = run_pipeline(cfg, client=_NoClient())
+    assert s["n_done"] == 1, s["exposures"]
+    got = tp.open_image(str(out / "exp0" / "products.zarr"))["image"].values
+    frames = {k: tp.open_image(v) for k, v in cal_frames.items()}
+    raw = tp.open_image(str(night / "raw" / "exp0.fits"))
+    with pytest.warns(Warning) if "dark_scale" not in expect else _nullcontext():
+        want = tp.calibrate(raw, **frames, **expect)["image"].values
+    default = tp.calibrate(raw, **frames, dark_scale=1.0)["image"].values
+    assert np.allclose(got, want, equal_nan=True)
+    assert not np.allclose(got, default, equal_nan=True)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(
+    "section,opts,match",
+    [
+        ("calibration", {"dark_scale": "twice"}, r"\[calibration\] dark_scale must be a number >= 0"),
+        ("calibration", {"flat_norm": "mean"}, r"\[calibration\] flat_norm must be 'median', 'max' or a number > 0"),
+        ("steps", {"dark_scale": -1}, r"\[steps.calibrate\] dark_scale must be a number >= 0"),
+        # the dark still holds the bias: scaling it needs the bias frame (else every exposure would fail)
+        ("no-bias", {"dark_scale": 2.0}, r"\[calibration\] dark_scale = 2.0 needs \[calibration\] bias"),
+        ("no-bias-steps", {"dark_scale": 0}, r"\[steps.calibrate\] dark_scale = 0 needs \[calibration\] bias"),
+    ],
+)
+def test_calibration_option_values_are_checked(night, tmp_path, cal_frames, section, opts, match):
+    cfg = _config(night, tmp_path / "out", steps={"calibrate": {}})
+    cfg["calibration"] = dict(cal_frames)
+    if section.startswith("no-bias"):
+        del cfg["calibration"]["bias"]
+        section = "calibration" if section == "no-bias" else "steps"
+    (cfg["calibration"] if section == "calibration" else cfg["steps"]["calibrate"]).update(opts)
+    with pytest.raises(ConfigError, match=match):
+        load_config(cfg)
+    if section == "calibration" and "bias" not in cfg["calibration"]:
+        cfg["calibration"]["dark_scale"] = 1.0
+        load_config(cfg)  # a dark holding the bias, unscaled: fine without a bias frame
+
+
+@pytest.mark.parametrize("fmt", ["ecsv", "csv"])
+def test_manifest_ecsv_and_csv(night, tmp_path, fmt):
+    from astropy.table import Table
+
+    from tilepipe.pipeline import expand_exposures
+
+    (tmp_path / "m").mkdir()
+    rel = os.path.relpath(night / "raw" / "exp1.fits", tmp_path / "m")
+    manifest = tmp_path / "m" / f"night.{fmt}"
+    Table({"path": [str(night / "raw" / "exp0.fits"), rel], "field": ["F1", "F2"]}).write(
+        str(manifest), format=f"ascii.{fmt}")
+    if fmt == "csv":
+        manifest.write_text("# a comment line\n" + manifest.read_text())
+    cfg = load_config({"run": {"output": str(tmp_path / "out")}, "exposures": {"manifest": str(manifest)}})
+    exps = expand_exposures(cfg)
+    assert [(e["path"], e["name"], e.get("field")) for e in exps] == [
+        (str(night / "raw" / "exp0.fits"), "exp0", "F1"),
+        (str(night / "raw" / "exp1.fits"), "exp1", "F2"),
+    ]
+
+
+def test_manifest_without_path_column_or_missing(night, tmp_path):
+    from tilepipe.pipeline import expand_exposures
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,field\na.fits,F1\n")
+    cfg = load_config({"run": {"output": str(tmp_path / "out")}, "exposures": {"manifest": str(bad)}})
+    with pytest.raises(ConfigError, match=r"needs a 'path' column"):
+        expand_exposures(cfg)
+    cfg = load_config({"run": {"output": str(tmp_path / "out")}, "exposures": {"manifest": str(tmp_path / "no.csv")}})
+    with pytest.raises(ConfigError, match=r"\[exposures\] manifest .*no\.csv.* does not exist"):
+        expand_exposures(cfg)
+
+
+def test_tilde_in_config_paths_is_expanded(night, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    toml = tmp_path / "conf" / "night.toml"
+    toml.parent.mkdir()
+    toml.write_text(
+        '[run]\noutput = "~/out"\n[calibration]\nbias = "~/cal/bias.fits"\n'
+        '[exposures]\npaths = ["~/raw/*.fits"]\nmanifest = "~/night.csv"\n'
+        '[references]\nF1 = "~/refs/F1.fits"\n'
+    )
+    cfg = load_config(toml)
+    assert cfg["run"]["output"] == str(home / "out")
+    assert cfg["calibration"]["bias"] == str(home / "cal" / "bias.fits")
+    assert cfg["exposures"]["paths"] == [str(home / "raw" / "*.fits")]
+    assert cfg["exposures"]["manifest"] == str(home / "night.csv")
+    assert cfg["references"] == {"F1": str(home / "refs" / "F1.fits")}
+
+
+def test_missing_reference_file_fails_in_preflight(night, tmp_path):
+    out = tmp_path / "out"
+    cfg = _config(night, out, steps={"background": {"mesh": 32}, "subtract": {"method": "zogy"}})
+    cfg["references"] = {"F1": str(night / "ref_TYPO.fits")}
+    with pytest.raises(FileNotFoundError, match=r"ref_TYPO\.fits"):
+        run_pipeline(cfg, client=_NoClient())
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "sub,bad",
+    [
+        ({"method": "zogy", "scael": 1.1}, "scael"),
+        ({"method": "sfft", "kernel_half_widht": 3}, "kernel_half_widht"),
+        ({"scael": 1.1}, "scael"),  # zogy is the default method
+        ({"method": "sfft", "feather": 4}, "feather"),  # a ZOGY-only option
+    ],
+)
+def test_subtract_option_typos_are_config_errors(night, tmp_path, sub, bad):
+    cfg = _config(night, tmp_path / "out", steps={"subtract": sub})
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) '{bad}' in \[steps.subtract\].*allowed: .*overlap"):
+        run_pipeline(cfg, client=_NoClient())
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        {"method": "zogy", "scale": 1.0, "feather": 4, "nx": 1, "overlap": 48, "precision": "float32"},
+        {"method": "sfft", "kernel_half_width": 3, "nx": 1},
+        {},
+    ],
+)
+def test_valid_subtract_options_pass_validation(night, tmp_path, sub):
+    cfg = load_config(_config(night, tmp_path / "out", steps={"subtract": sub}))
+    assert cfg["steps"]["subtract"] == sub
+
+
+def test_subtract_method_is_checked(night, tmp_path):
+    cfg = _config(night, tmp_path / "out", steps={"subtract": {"method": "hotpants"}})
+    with pytest.raises(ConfigError, match=r"\[steps.subtract\] method must be 'zogy' or 'sfft'"):
+        load_config(cfg)
+
+
+def test_file_url_output_is_a_local_folder(night, tmp_path, synchronous):
+    out = tmp_path / "new" / "out"
+    cfg = _config(night, "file://" + str(out), steps={"background": {"mesh": 32}}, quicklook=False,
+                  nx=1, ny=1, overlap=0)
+    cfg["exposures"]["paths"] = [str(night / "raw" / "exp0.fits")]
+    s = run_pipeline(cfg, client=_NoClient())
+    assert s["n_done"] == 1, s["exposures"]
+    assert (out / "exp0" / "_COMPLETE.json").exists() and (out / "summary.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["exp0", "summary.html", "summary.json"]
+    assert run_pipeline(cfg, client=_NoClient())["n_skipped"] == 1
+
+
+def test_manifest_on_an_object_store(night, tmp_path):
+    """A remote ECSV manifest: its relative paths are on the same store."""
+    import uuid
+
+    import fsspec
+    from astropy.table import Table
+
+    from tilepipe.pipeline import expand_exposures
+
+    root = f"memory://tp-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    local = tmp_path / "night.ecsv"
+    Table({"path": ["raw/exp0.fits", str(night / "raw" / "exp1.fits")]}).write(str(local), format="ascii.ecsv")
+    fs.pipe_file(f"{root}/lists/night.ecsv", local.read_bytes())
+    cfg = load_config({"run": {"output": str(tmp_path / "out")}, "exposures": {"manifest": f"{root}/lists/night.ecsv"}})
+    assert [e["path"] for e in expand_exposures(cfg)] == [f"{root}/lists/raw/exp0.fits", str(night / "raw" / "exp1.fits")]

@@ -3,7 +3,7 @@
 ``tilepipe run night.toml`` / :func:`run_pipeline` reads a config like::
 
     [run]
-    output = "s3://survey/night-2026-11-21"   # or a local folder
+    output = "s3://survey/night-2026-11-21"   # or a local folder (a path, "~/...", or a file:// URL)
     nx = 2
     ny = 2
     overlap = 64
@@ -13,10 +13,12 @@
     bias = "cal/bias.fits"
     dark = "cal/dark.fits"
     flat = "cal/flat.fits"
+    # dark_scale = 1.0       # optional, passed to tilepipe.calibrate (default: the exposure-time ratio)
+    # flat_norm = "median"   # optional: "median", "max" or a number (ADU)
 
     [exposures]              # globs, URLs or a manifest (CSV/ECSV with columns path[, field])
     paths = ["raw/*.fits"]
-    # manifest = "night.csv"
+    # manifest = "night.csv" # ".ecsv": ECSV as astropy writes it; else comma-separated with a header line
     field_key = "OBJECT"     # header keyword naming the field (default OBJECT)
 
     [references]             # one reference image per field ("*" = any field)
@@ -30,6 +32,14 @@
     subtract = { method = "zogy" }
     transients = { nsigma = 5.0 }
 
+Relative paths are relative to the config file's folder (a mapping: the
+current folder), ``~`` is expanded, and a ``file://`` URL is a local path;
+paths in a manifest are relative to the manifest.  ``dark_scale`` and
+``flat_norm`` of ``[calibration]`` are passed to :func:`tilepipe.calibrate`;
+the same options in ``[steps] calibrate`` take precedence.  Before any work
+the output is checked writable and every input (exposures, calibration
+frames, and the ``[references]`` when the subtract step runs) to exist.
+
 Products per exposure ``<output>/<exposure-name>/``: ``products.zarr`` (image,
 mask, variance, background, rms, diff, scorr, ...), ``catalog.ecsv``,
 ``psf.fits``, ``candidates.ecsv``, ``candidates.png``, ``quicklook.png`` and
@@ -39,8 +49,14 @@ run; complete ones are skipped unless ``force=True``.  Local products are
 written in a temporary folder and renamed into place; a forced re-run replaces
 a complete product only once the new one is complete (remote ones too, through
 a temporary prefix), so a failing re-run loses nothing.  Options of ``[steps]
-subtract`` are passed to :func:`tilepipe.subtract` and override the ``[run]``
-tiling (``nx``, ``ny``, ``overlap``).  A failing exposure is
+subtract`` are passed to :func:`tilepipe.subtract` (checked, when the config
+is read, against the keywords it and the chosen ``method``'s function take:
+:func:`~tilepipe.subtract.zogy.zogy_subtract` or
+:func:`~tilepipe.subtract.sfft.sfft_subtract`) and override the ``[run]``
+tiling (``nx``, ``ny``, ``overlap``).  The recorded configs
+(``_COMPLETE.json``, ``summary.json``, the zarr attribute
+``tilepipe_config``) have every ``storage_options`` value replaced by
+``"***"`` (credentials are never written).  A failing exposure is
 recorded in the run summary (``summary.json``, ``summary.html``) and the night
 goes on.
 """
@@ -48,7 +64,6 @@ goes on.
 from __future__ import annotations
 
 import copy
-import csv
 import datetime as _dt
 import glob as _glob
 import html
@@ -81,7 +96,7 @@ _STEP_KEYS: dict[str, set[str] | None] = {
     "background": {"mesh", "filter_size", "method", "order"},
     "detect": {"nsigma", "minarea", "filter_fwhm", "deblend_nthresh", "deblend_cont"},
     "psf": {"size", "degree", "model", "oversampling"},
-    "subtract": None,  # passed through to tilepipe.subtract (validated there)
+    "subtract": None,  # passed through to tilepipe.subtract: checked against its signature (_subtract_keys)
     "transients": {"nsigma", "cutouts"},
 }
 COMPLETE = "_COMPLETE.json"
@@ -118,7 +133,13 @@ def _is_url(p: str) -> bool:
 
 
 def _resolve(p: str, base: Path) -> str:
-    if _is_url(p) or os.path.isabs(p):
+    """A URL as given; a local path (``file://`` URLs included) with ``~`` expanded, absolute against ``base``."""
+    if p.startswith("file://"):
+        p = p[len("file://"):]  # a local path: written locally (temporary folder + rename), folders created
+    elif _is_url(p):
+        return p
+    p = os.path.expanduser(p)
+    if os.path.isabs(p):
         return p
     return str((base / p).resolve())
 
@@ -129,6 +150,48 @@ def _unknown(section: str, keys: set[str], allowed: set[str]) -> None:
         raise ConfigError(
             f"unknown key(s) {', '.join(repr(b) for b in bad)} in [{section}]; allowed: {', '.join(sorted(allowed))}"
         )
+
+
+def _check_calib_options(section: str, opts: Mapping[str, Any]) -> None:
+    """``dark_scale`` / ``flat_norm`` values, as :func:`tilepipe.calibrate` takes them."""
+    if "dark_scale" in opts:
+        v = opts["dark_scale"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+            raise ConfigError(
+                f"[{section}] dark_scale must be a number >= 0 (the factor applied to the dark current; leave it "
+                f"out to scale by the exposure times); got {v!r}"
+            )
+    if "flat_norm" in opts:
+        v = opts["flat_norm"]
+        ok = v in ("median", "max") if isinstance(v, str) else (
+            not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < float("inf"))
+        if not ok:
+            raise ConfigError(f"[{section}] flat_norm must be 'median', 'max' or a number > 0; got {v!r}")
+
+
+def _subtract_keys(method: str) -> set[str] | None:
+    """The options ``[steps] subtract`` may give for ``method`` (None: the function takes any keyword)."""
+    import inspect
+
+    from .subtract import subtract as _subtract_fn
+    from .subtract.sfft import sfft_subtract
+    from .subtract.zogy import zogy_subtract
+
+    def named(fn) -> set[str] | None:
+        params = inspect.signature(fn).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return {p.name for p in params if p.kind is not p.VAR_POSITIONAL} - {"new", "ref"}
+
+    if method == "sfft":
+        impl = named(sfft_subtract)  # tilepipe.subtract passes only what sfft_subtract declares
+        return None if impl is None else impl | {"method"}
+    impl = named(zogy_subtract)
+    if impl is None:
+        return None
+    front = {p.name for p in inspect.signature(_subtract_fn).parameters.values()
+             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"new", "ref"}
+    return front | impl
 
 
 def validate_config(cfg: Mapping[str, Any], base: Path | None = None) -> dict[str, Any]:
@@ -168,6 +231,7 @@ def validate_config(cfg: Mapping[str, Any], base: Path | None = None) -> dict[st
     for k in ("bias", "dark", "flat"):
         if cal.get(k):
             cal[k] = _resolve(str(cal[k]), base)
+    _check_calib_options("calibration", cal)
     cfg["calibration"] = cal
 
     exp = cfg.get("exposures")
@@ -202,8 +266,23 @@ def validate_config(cfg: Mapping[str, Any], base: Path | None = None) -> dict[st
         if not isinstance(params, dict):
             raise ConfigError(f"[steps] {name} must be a table of parameters (use {name} = {{}} for defaults)")
         allowed = _STEP_KEYS[name]
+        if name == "subtract":
+            method = params.get("method", "zogy")
+            if method not in ("zogy", "sfft"):
+                raise ConfigError(f"[steps.subtract] method must be 'zogy' or 'sfft'; got {method!r}")
+            allowed = _subtract_keys(method)
         if allowed is not None:
             _unknown(f"steps.{name}", set(params), allowed)
+    if "calibrate" in steps:
+        _check_calib_options("steps.calibrate", steps["calibrate"])
+        where = "steps.calibrate" if "dark_scale" in steps["calibrate"] else "calibration"
+        scale = steps["calibrate"].get("dark_scale", cal.get("dark_scale"))
+        if cal.get("dark") and not cal.get("bias") and scale is not None and abs(scale - 1.0) > 1e-12:
+            # tilepipe.calibrate: a dark that still holds the bias can only be scaled with the bias frame
+            raise ConfigError(
+                f"[{where}] dark_scale = {scale!r} needs [calibration] bias: the dark still contains the bias, "
+                "so scaling it needs the bias frame; add bias = 'master_bias.fits' or set dark_scale = 1"
+            )
     if "subtract" in steps and not refs:
         raise ConfigError("[steps] subtract needs [references]: give a reference image per field (or '*' for all)")
     if "transients" in steps and "subtract" not in steps:
@@ -212,6 +291,26 @@ def validate_config(cfg: Mapping[str, Any], base: Path | None = None) -> dict[st
         raise ConfigError("[steps] calibrate needs at least one of bias, dark, flat in [calibration]")
     cfg["steps"] = {s: steps[s] for s in STEPS if s in steps}
     return cfg
+
+
+REDACTED = "***"
+
+
+def _redact(opts: Any) -> Any:
+    """``storage_options`` with every value (nested tables too) replaced by ``"***"``; keys kept."""
+    if isinstance(opts, Mapping):
+        return {k: _redact(v) for k, v in opts.items()}
+    return REDACTED
+
+
+def redacted_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` safe to record: the ``[run] storage_options`` values (credentials) replaced by ``"***"``."""
+    out = dict(cfg)
+    run = dict(out.get("run") or {})
+    if "storage_options" in run:
+        run["storage_options"] = _redact(run["storage_options"])
+    out["run"] = run
+    return copy.deepcopy(out)
 
 
 # ------------------------------------------------------------- filesystem
@@ -243,15 +342,24 @@ def expand_exposures(cfg: Mapping[str, Any]) -> list[dict[str, str]]:
             matches = sorted(_glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
             out += [{"path": m} for m in matches]
     if exp.get("manifest"):
-        with open(exp["manifest"], newline="") as fh:
-            rows = [r for r in csv.DictReader(line for line in fh if not line.startswith("#"))]
-        if rows and "path" not in rows[0]:
-            raise ConfigError(f"manifest {exp['manifest']!r} needs a 'path' column (and optionally 'field')")
-        base = Path(exp["manifest"]).parent
-        for r in rows:
-            d = {"path": _resolve(r["path"], base)}
-            if r.get("field"):
-                d["field"] = r["field"]
+        man = exp["manifest"]
+        tab = _read_manifest(man, opts)
+        if "path" not in tab.colnames:
+            raise ConfigError(
+                f"[exposures] manifest {man!r} needs a 'path' column (and optionally 'field'); "
+                f"its columns: {', '.join(tab.colnames) or 'none'}"
+            )
+        base = Path(man).parent
+        for r in tab:
+            p = _cell(r["path"])
+            if not p:
+                continue
+            if _is_url(man) and not _is_url(p):  # relative to a remote manifest: the same store
+                d = {"path": posixpath.join(posixpath.dirname(man), p)}
+            else:
+                d = {"path": _resolve(p, base)}
+            if "field" in tab.colnames and _cell(r["field"]):
+                d["field"] = _cell(r["field"])
             out.append(d)
     if not out:
         raise ConfigError(f"[exposures] matched no files: {exp.get('paths') or exp.get('manifest')}")
@@ -273,6 +381,41 @@ def expand_exposures(cfg: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _cell(v: Any) -> str:
+    """A manifest cell as a stripped string ('' when empty or masked)."""
+    import numpy as np
+
+    if v is None or v is np.ma.masked:
+        return ""
+    return str(v).strip()
+
+
+def _read_manifest(man: str, opts: Mapping[str, Any]):
+    """The manifest as an astropy Table: ECSV (``.ecsv``) or comma-separated CSV (any other name)."""
+    from astropy.table import Table
+
+    fmt = "ascii.ecsv" if man.lower().endswith(".ecsv") else "ascii.csv"
+    kw = {} if fmt == "ascii.ecsv" else {"comment": r"\s*#"}  # CSV: '#' lines are comments
+    try:
+        if _is_url(man):
+            fs, path = _fs(man, opts)
+            if not fs.exists(path):
+                raise FileNotFoundError(man)
+            with fs.open(path, "rt") as fh:
+                lines = fh.read().splitlines()
+            return Table.read(lines, format=fmt, **kw)
+        if not os.path.isfile(man):
+            raise FileNotFoundError(man)
+        return Table.read(man, format=fmt, **kw)
+    except FileNotFoundError:
+        raise ConfigError(f"[exposures] manifest {man!r} does not exist; check the path") from None
+    except Exception as exc:  # noqa: BLE001 - any parse error: name the file and the expected format
+        raise ConfigError(
+            f"[exposures] manifest {man!r} could not be read as {fmt[6:].upper()} ({type(exc).__name__}: {exc}); "
+            "give a .ecsv file (as astropy writes it) or a comma-separated .csv with a header line 'path[,field]'"
+        ) from None
+
+
 def preflight(cfg: Mapping[str, Any], exposures: list[dict[str, str]]) -> None:
     """Fail fast, before any work: inputs readable, output writable (credentials checked)."""
     opts = cfg["run"]["storage_options"]
@@ -290,14 +433,18 @@ def preflight(cfg: Mapping[str, Any], exposures: list[dict[str, str]]) -> None:
             "the bucket and the credentials in [run] storage_options"
         ) from None
     missing = []
-    for d in exposures + [{"path": p} for p in cfg["calibration"].values() if isinstance(p, str) and p]:
+    cal = cfg["calibration"]
+    inputs = exposures + [{"path": cal[k], "key": f"[calibration] {k}"} for k in ("bias", "dark", "flat") if cal.get(k)]
+    if "subtract" in cfg["steps"]:  # the references are read by the subtract step only
+        inputs += [{"path": p, "key": f"[references] {k}"} for k, p in cfg["references"].items()]
+    for d in inputs:
         p = d["path"]
         if not isinstance(p, str) or not (os.sep in p or _is_url(p)):
             continue
         try:
             fs, path = _fs(p, opts) if _is_url(p) else _fs("file://" + p, {})
             if not fs.exists(path):
-                missing.append(p)
+                missing.append(f"{p} ({d['key']})" if d.get("key") else p)
         except Exception as exc:  # noqa: BLE001
             raise PermissionError(f"cannot read input {p!r} ({type(exc).__name__}: {exc}); check storage_options") from None
     if missing:
@@ -377,9 +524,11 @@ def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str,
     res.field = _field_of(ds, exp, cfg["exposures"]["field_key"])
     if "calibrate" in steps:
         cal = cfg["calibration"]
+        # [calibration] dark_scale / flat_norm, overridden by the same options of [steps] calibrate
+        ckw = {**{k: cal[k] for k in ("dark_scale", "flat_norm") if k in cal}, **steps["calibrate"]}
         with timed("calibrate"):
             ds = tp.calibrate(ds, bias=_open_cal(cal.get("bias"), opts), dark=_open_cal(cal.get("dark"), opts),
-                              flat=_open_cal(cal.get("flat"), opts), **steps["calibrate"])
+                              flat=_open_cal(cal.get("flat"), opts), **ckw)
     products = ds
     bkg = None
     if "background" in steps:
@@ -430,7 +579,7 @@ def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str,
                 res.counts["candidates"] = len(cand)
                 write_table(cand, _join(workdir, "candidates.ecsv"), overwrite=True, storage_options=opts)
                 res.outputs.append("candidates.ecsv")
-    products.attrs["tilepipe_config"] = json.dumps(cfg, default=str)
+    products.attrs["tilepipe_config"] = json.dumps(redacted_config(cfg), default=str)
     products.attrs["tilepipe_versions"] = _versions()
     with timed("write"):
         write_zarr(products, _join(workdir, "products.zarr"), overwrite=True, storage_options=opts)
@@ -675,7 +824,8 @@ def run_pipeline(
                     record = {
                         "name": res.name, "path": res.path, "field": res.field, "status": "done",
                         "seconds": res.seconds, "timings": res.timings, "counts": res.counts,
-                        "outputs": res.outputs, "warnings": res.warnings, "config": cfg, "versions": _versions(),
+                        "outputs": res.outputs, "warnings": res.warnings, "config": redacted_config(cfg),
+                        "versions": _versions(),
                         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                     }
                     _write_json(_join(workdir, COMPLETE), record, opts)
@@ -712,7 +862,7 @@ def run_pipeline(
         "n_failed": sum(r.status == "failed" for r in results),
         "exposures_per_hour": (n_done / seconds * 3600.0) if n_done and seconds > 0 else 0.0,
         "exposures": [r.__dict__ for r in results],
-        "config": cfg,
+        "config": redacted_config(cfg),
         "versions": _versions(),
     }
     _write_json(_join(out, "summary.json"), summary, opts)
