@@ -55,20 +55,35 @@ class Context:
             yield client
 
     def compute(self, *collections: Any) -> tuple[Any, ...]:
-        """Compute collections on the command's client, showing progress."""
+        """Compute collections on the command's client, with a progress bar on stderr when it is a terminal.
+
+        Standard output is for results only: the bar (``\\r`` frames) is never drawn there, nor on a
+        stderr redirected to a file or pipe; ``--no-progress`` turns it off everywhere.
+        """
         import dask
 
-        if self.progress:
-            try:
-                from distributed import progress
+        from .cluster import _is_terminal, progress
 
-                persisted = dask.persist(*collections)
-                progress(*persisted, notebook=False)
-                click.echo("", err=True)
-                return dask.compute(*persisted)
-            except ValueError:
-                pass
+        if self.progress and _is_terminal(sys.stderr):
+            try:
+                from distributed import Client
+
+                Client.current()
+            except (ImportError, ValueError):  # no client: nothing to draw the bar from
+                return dask.compute(*collections)
+            persisted = dask.persist(*collections)
+            progress(*persisted, stream=sys.stderr)
+            return dask.compute(*persisted)
         return dask.compute(*collections)
+
+    @contextlib.contextmanager
+    def progress_lines(self):
+        """Route what a library call prints as progress (``print`` to stdout) to stderr, or nowhere with
+        ``--no-progress``: standard output is for the command's results only."""
+        import io
+
+        with contextlib.redirect_stdout(sys.stderr if self.progress else io.StringIO()):
+            yield
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -233,7 +248,8 @@ def demo(ctx: Context, output: str, size: int, seed: int) -> None:
     with ctx.client():
         nx, ny = ctx.tile_counts(2)  # the demo tiles 2 x 2 unless --nx / --ny say otherwise
         try:
-            written = run_demo(output, size=size, seed=seed, nx=nx, ny=ny, overlap=ctx.overlap)
+            with ctx.progress_lines():  # its per-stage timings are progress: stderr, not stdout
+                written = run_demo(output, size=size, seed=seed, nx=nx, ny=ny, overlap=ctx.overlap)
         except ValueError as exc:
             fail(str(exc))
     click.echo(f"tilepipe demo wrote {len(written)} files into {output}/:")
@@ -254,7 +270,8 @@ def run_cmd(ctx: Context, config: str, force: bool) -> None:
     from .pipeline import ConfigError, run_pipeline
 
     try:
-        summary = run_pipeline(config, force=force, scheduler=ctx.scheduler, progress=ctx.progress)
+        with ctx.progress_lines():  # its per-exposure lines are progress: stderr, not stdout
+            summary = run_pipeline(config, force=force, scheduler=ctx.scheduler, progress=ctx.progress)
     except (ConfigError, FileNotFoundError, PermissionError, ConnectionError) as exc:
         fail(str(exc))
     click.echo(
@@ -290,6 +307,7 @@ def background_cmd(ctx: Context, image: str, output: str, mesh: int, filter_size
 
     opts = _storage_options(storage_option)
     ds = open_or_fail(image, hdu=_hdu(hdu), storage_options=opts)
+    refuse_existing(output, overwrite, opts)  # before any computation
     with ctx.client():
         try:
             bkg = estimate_background(ds, mesh=mesh, filter_size=filter_size, method=method, order=order, grow=grow,
@@ -349,16 +367,76 @@ def cutout_cmd(ctx: Context, image: str, catalog: str, size: str, output: str, u
     ms: Any = False
     if mask_sources:
         ms = {"fwhm": fwhm} if fwhm is not None else True
-    with ctx.client():
-        try:
-            table = cutouts(image, cat, size, output=output, unit=unit, partial=partial, storage_options=opts,
-                            sky=sky_value, gain=gain, mask_sources=ms, name_col=name_col, hdu=_hdu(hdu),
-                            overwrite=overwrite)
-        except (OSError, ValueError, TypeError, FileExistsError) as exc:
-            fail(str(exc))
+    # the library's warning points at the table's 'status' and 'message' columns, which a command-line user
+    # never sees: the reasons are printed below instead
+    cut_log = logging.getLogger("tilepipe.cutout")
+    drop = _DropMessage("cutouts: %d of %d targets could not be cut")
+    cut_log.addFilter(drop)
+    try:
+        with ctx.client():
+            try:
+                table = cutouts(image, cat, size, output=output, unit=unit, partial=partial, storage_options=opts,
+                                sky=sky_value, gain=gain, mask_sources=ms, name_col=name_col, hdu=_hdu(hdu),
+                                overwrite=overwrite)
+            except (OSError, ValueError, TypeError, FileExistsError) as exc:
+                fail(str(exc))
+    finally:
+        cut_log.removeFilter(drop)
     n_ok = int(sum(s in ("ok", "partial") for s in table["status"]))
+    reasons = _skip_reasons(table)
+    if n_ok == 0:
+        if not len(table):
+            fail(f"no cutout written: the catalog {catalog!r} has no targets")
+        fail(f"no cutout written into {output}: all {len(table)} targets were skipped:\n{reasons}")
     click.echo(f"wrote {n_ok} cutouts of {table.meta['size'][0]} x {table.meta['size'][1]} px into {output} "
                f"({len(table) - n_ok} skipped: outside the image or failed)")
+    if reasons:
+        click.echo(f"skipped targets:\n{reasons}", err=True)
+
+
+class _DropMessage(logging.Filter):
+    """Drop the log records whose (unformatted) message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+#: the library's words for its keyword arguments, and the options that set them on the command line
+_CUTOUT_HINTS = (
+    ("mask_sources needs the PSF FWHM: pass mask_sources={'fwhm': ...} or an image with a 'fwhm' attribute",
+     "--mask-sources needs the PSF FWHM: pass --fwhm PIXELS, or an image whose header gives it "
+     "(FWHM, SEEING_PIX or PSF_FWHM)"),
+    ("use partial='pad' (padded and masked) or partial='trim'",
+     "use --partial pad (padded and masked) or --partial trim"),
+)
+
+
+def _skip_reasons(table: Any, most: int = 4) -> str:
+    """The distinct reasons why targets of a ``cutouts`` table were skipped, with counts (most common first)."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for status, message in zip(table["status"], table["message"]):
+        if status in ("ok", "partial"):
+            continue
+        if status == "outside":  # the message names each position: one reason for all of them
+            reason = "outside the image"
+        else:
+            reason = str(message) or str(status)
+            for lib, cli in _CUTOUT_HINTS:
+                reason = reason.replace(lib, cli)
+        counts[reason] += 1
+    lines = [f"  {n} target{'s' if n != 1 else ''}: {reason}" for reason, n in counts.most_common(most)]
+    rest = sum(n for _, n in counts.most_common()[most:])
+    if rest:
+        k = len(counts) - most
+        lines.append(f"  {rest} more target{'s' if rest != 1 else ''} for {k} other reason{'s' if k != 1 else ''} "
+                     "(see the 'status' and 'message' columns of tilepipe.cutouts)")
+    return "\n".join(lines)
 
 
 def _write_product(ds: Any, output: str, overwrite: bool, opts: dict[str, Any]) -> None:

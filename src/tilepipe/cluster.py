@@ -93,14 +93,58 @@ def client_context(scheduler: str | None = None, **kwargs: Any) -> Iterator[Any]
             cluster.close()
 
 
-def progress(*futures_or_collections: Any, show: bool = True) -> None:
-    """Show progress of persisted collections/futures on the current client (no-op if none)."""
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+def progress(*futures_or_collections: Any, show: bool = True, stream: Any = None) -> None:
+    """Draw a text progress bar of persisted collections/futures on the current client until they finish.
+
+    The bar goes to ``stream`` (default ``sys.stderr``, so that standard output holds results only)
+    and only when that stream is a terminal: redirected to a file or a pipe it would leave ``\\r``
+    frames and ANSI codes there, so nothing is drawn (and this returns at once).  A no-op with
+    ``show=False`` or without a current client.
+    """
+    import sys
+
     if not show:
         return
+    stream = sys.stderr if stream is None else stream
+    if not _is_terminal(stream):
+        return
     try:
-        from distributed import Client, progress as dprogress
+        from distributed import Client, futures_of
 
         Client.current()
     except (ImportError, ValueError):
         return
-    dprogress(*futures_or_collections)
+    futures = futures_of(futures_or_collections)
+    if futures:
+        _stream_progress_bar(futures, stream)
+
+
+def _stream_progress_bar(futures: list[Any], stream: Any) -> None:
+    """distributed's ``TextProgressBar`` (which always writes to ``sys.stdout``), drawn on ``stream``."""
+    from contextlib import suppress
+
+    from distributed.diagnostics.progressbar import TextProgressBar
+    from dask.utils import format_time
+
+    class _Bar(TextProgressBar):
+        def _draw_bar(self, remaining, all, **kwargs):
+            frac = (1 - remaining / all) if all else 1.0
+            msg = "\r[{0:<{1}}] | {2}% Completed | {3}".format(
+                "#" * int(self.width * frac), self.width, int(100 * frac), format_time(self.elapsed))
+            with suppress(ValueError):
+                stream.write(msg)
+                stream.flush()
+
+        def _draw_stop(self, **kwargs):
+            with suppress(ValueError):
+                stream.write("\n")  # leave the final state of the bar on its own line
+                stream.flush()
+
+    _Bar(futures, complete=True)
