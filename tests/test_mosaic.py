@@ -318,3 +318,10 @@ def test_input_in_galactic_coordinates_lands_at_its_sky_position():
     py, px = np.unravel_index(np.argmax(out), out.shape)
     ox, oy = w_out.world_to_pixel(star)
     assert abs(px - ox) <= 1 and abs(py - oy) <= 1
+
+
+def test_proper_without_a_psf_says_how_to_give_one(exposures):
+    """combine='proper' on inputs without a FWHM names every way to give one (the CLI has no psfs= option)."""
+    exps = [make_dataset(e["image"].values, header=e.attrs["header"]) for e in exposures["exps"][:2]]
+    with pytest.raises(ValueError, match="SEEING_PIX or PSF_FWHM header card.*fwhm=.*'mean'"):
+        mosaic(exps, combine="proper")

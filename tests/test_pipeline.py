@@ -151,6 +151,22 @@ def test_missing_reference_fails_that_exposure_only(night, tmp_path, client):
     assert all("no reference image for field 'F1'" in e["error"] for e in s["exposures"])
 
 
+def test_failed_exposure_lists_no_removed_outputs(night, tmp_path, client):
+    """An exposure failing in its subtraction (a reference of another shape) after its catalog was written: the
+    partial products are removed, and the summary no longer lists them as outputs."""
+    from astropy.io import fits
+
+    small = tmp_path / "ref_small.fits"
+    fits.writeto(small, np.zeros((64, 64), np.float32))
+    cfg = _config(night, tmp_path / "out", steps={**copy.deepcopy(STEPS), "subtract": {"method": "zogy"}})
+    cfg["exposures"]["paths"] = [str(night / "raw" / "exp0.fits")]
+    cfg["references"] = {"F1": str(small)}
+    s = run_pipeline(cfg, client=client)
+    (e,) = s["exposures"]
+    assert e["status"] == "failed" and "shape" in e["error"]
+    assert e["outputs"] == [] and not (tmp_path / "out" / "exp0").exists()
+
+
 def test_subtraction_night_with_transients(night, tmp_path, client):
     cfg = _config(night, tmp_path / "out", steps={"background": {"mesh": 32}, "subtract": {"method": "zogy"},
                                                   "transients": {"nsigma": 5.0}})

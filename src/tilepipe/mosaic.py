@@ -732,7 +732,10 @@ def mosaic(
             for i, d in enumerate(dss):
                 f = d.attrs.get("fwhm")
                 if f is None:
-                    raise ValueError(f"combine='proper' needs a PSF: input #{i} ({names[i]}) has no fwhm; pass psfs=")
+                    raise ValueError(
+                        f"combine='proper' needs a PSF: input #{i} ({names[i]}) has no fwhm; pass psfs= (one PSF "
+                        "per input), or give every input a FWHM in pixels (a FWHM, SEEING_PIX or PSF_FWHM header "
+                        "card, or tilepipe.open_image(..., fwhm=)), or use combine='mean'/'median'")
                 psfs.append(GaussianStamp(float(f) * _pixel_scale_arcsec(wins[i]) / scale_out))
         if len(psfs) != n:
             raise ValueError(f"psfs has {len(psfs)} entries for {n} inputs")

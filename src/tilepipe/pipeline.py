@@ -835,6 +835,7 @@ def run_pipeline(
                     res.status = "failed"
                     res.seconds = round(time.perf_counter() - t1, 3)
                     res.error = f"{type(exc).__name__}: {exc}"
+                    res.outputs = []  # the partial products are removed below (a complete old product stays)
                     log.warning("exposure %s failed: %s", exp["name"], res.error)
                     log.debug("%s", traceback.format_exc())
                     try:
