@@ -121,7 +121,7 @@ def _import_modules():
     import tilepipe.io.fits  # noqa: F401
 
 
-def run_tilepipe(path, truth, workers, size):
+def run_tilepipe(path, truth, workers, size, tile):
     import dask
 
     import tilepipe as tp
@@ -131,7 +131,6 @@ def run_tilepipe(path, truth, workers, size):
         import tilepipe.detect
 
         tilepipe.detect._USE_REGIONS.set(False)
-    tile = int(os.environ.get("TILEPIPE_BENCH_TILE", "1024"))
     nt = max(1, size // tile)
     if workers == 0:  # one process, dask's synchronous scheduler: the pure compute cost, no cluster
         with dask.config.set(scheduler="synchronous"):
@@ -172,13 +171,13 @@ def child(args):
     elif args.method == "photutils":
         res = run_photutils(args.input, args.truth)
     else:
-        res = run_tilepipe(args.input, args.truth, args.workers, args.size)
+        res = run_tilepipe(args.input, args.truth, args.workers, args.size, args.tile)
     print("RESULT " + json.dumps(res))
 
 
-def spawn(method, path, truth, size, workers=1, timeout=600, halo="read"):
+def spawn(method, path, truth, size, tile, workers=1, timeout=600, halo="read"):
     cmd = [sys.executable, __file__, "--child", method, "--input", path, "--truth", truth, "--size", str(size),
-           "--workers", str(workers)]
+           "--tile", str(tile), "--workers", str(workers)]
     env = dict(os.environ, TILEPIPE_BENCH_HALO=halo)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in p.stdout.splitlines():
@@ -211,8 +210,8 @@ def main():
     ap.add_argument("--truth", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not args.child:
-        os.environ["TILEPIPE_BENCH_TILE"] = str(args.tile)  # read by the child processes
+    if not args.child and any(s % args.tile for s in args.sizes):
+        ap.error(f"--tile {args.tile} must divide every size in --sizes {args.sizes} (nx = size / tile)")
     if args.dask_default_env:
         os.environ["TILEPIPE_BENCH_DASK_DEFAULT_ENV"] = "1"  # read by the child processes
     if args.child:
@@ -242,7 +241,7 @@ def main():
             runs: dict[str, list[dict]] = {name: [] for name, *_ in jobs}
             for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every method alike
                 for name, method, w, halo in jobs:
-                    runs[name].append(spawn(method, path, truth, size, workers=w, halo=halo))
+                    runs[name].append(spawn(method, path, truth, size, args.tile, workers=w, halo=halo))
             res = {name: summarize(rs, ("mem", "worker_mem")) for name, rs in runs.items()}
             ref = res.get("sep")
             for name, r in res.items():

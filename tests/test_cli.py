@@ -240,8 +240,7 @@ def test_run_and_demo_progress_lines_go_to_stderr(runner, tmp_path, monkeypatch)
     import tilepipe.pipeline
 
     def fake_run(config, force=False, scheduler=None, progress=False):
-        if progress:
-            print("[1/1] exp0: running detect", flush=True)
+        print("[1/1] exp0: running detect", flush=True)  # printed whatever `progress`: the CLI routes it
         return {"n_done": 1, "n_skipped": 0, "n_failed": 0, "seconds": 1.0, "config": {"run": {"output": "out"}}}
 
     def fake_demo(output, **kw):
@@ -257,12 +256,14 @@ def test_run_and_demo_progress_lines_go_to_stderr(runner, tmp_path, monkeypatch)
     assert "[1/1]" not in res.stdout and "[1/1] exp0: running detect" in res.stderr
     assert res.stdout.startswith("1 done, 0 skipped, 0 failed")
     res = runner.invoke(main, ["--no-progress", "run", str(cfg)])
-    assert res.exit_code == 0 and "[1/1]" not in res.output
+    assert res.exit_code == 0 and "[1/1]" not in res.stdout and "[1/1]" not in res.stderr
     monkeypatch.setattr("tilepipe.cli.Context.client", lambda self: contextlib.nullcontext())
     res = runner.invoke(main, ["demo", "-o", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     assert "synthetic pair" not in res.stdout and "synthetic pair" in res.stderr
     assert res.stdout.startswith("tilepipe demo wrote 1 files")
+    res = runner.invoke(main, ["--no-progress", "demo", "-o", str(tmp_path / "d2")])
+    assert res.exit_code == 0 and "synthetic pair" not in res.stdout and "synthetic pair" not in res.stderr
 
 
 # ----------------------------------------------------------------- cutout failures

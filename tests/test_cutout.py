@@ -428,8 +428,9 @@ def test_batch_zarr_remote_failed_overwrite_keeps_the_old_store(field, remote_za
 
 
 def test_batch_zarr_compute_false_records_the_origins(tmp_path):
-    """compute=False (the caller runs the tasks) writes the same cutout origins as compute=True (they were left
-    at -1, so the stored WCS note could not rebuild the cutouts' WCS)."""
+    """compute=False (the caller runs the tasks) writes the same cutout origins as compute=True: a guard for a
+    regression made and fixed within one session (the origins were left at -1, so the stored WCS note could not
+    rebuild the cutouts' WCS)."""
     import dask
     import zarr
 

@@ -474,7 +474,7 @@ def calibrate(
 
     # flat coefficients
     bf = sf = 0.0
-    flat_b = False  # the bias frame is subtracted from the flat (its net coefficient bf may still be 0)
+    flat_minus_bias = False  # the bias frame is subtracted from the flat (its net coefficient bf may still be 0)
     if ff and flat_has_bias:
         if fb is None:
             warnings.warn(
@@ -490,14 +490,14 @@ def calibrate(
             elif fd:
                 log.info("dark current not removed from the flat: flat or dark exposure time unknown")
             bf = (1.0 - sf) if (fd and dark_has_bias) else 1.0
-            flat_b = True
+            flat_minus_bias = True
 
     # ------------------------------------------------------------ the graph
     # One task per tile computes image, variance and mask together (_calib_block);
     # the global scalars (flat norm, dark median/MAD) enter as 0-d dask arrays.
     spec = _Spec(
         has_b=fb is not None, has_d=fd is not None, has_f=ff is not None, dc_minus_b=bool(fb and fd and dark_has_bias),
-        s=s, b=b, flat_b=flat_b, sf=sf, bf=bf, var_b=bool(fb and fb[1]), var_d=bool(fd and fd[1]),
+        s=s, b=b, flat_b=flat_minus_bias, sf=sf, bf=bf, var_b=bool(fb and fb[1]), var_d=bool(fd and fd[1]),
         var_f=bool(ff and ff[1]), hot_k=hot_pixel_sigma if fd else None, fill=float(fill_value),
     )
     blocks: list[Any] = [arr(rds, "image"), arr(rds, "variance"), rds["mask"].data]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -197,8 +196,7 @@ def _hdu(hdu: str | None) -> int | str | None:
 @click.argument("dst")
 @click.option("--hdu", default=None, help="FITS extension of SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE",
-              help="fsspec storage option for URLs (repeatable), e.g. -s anon=true.")
+@STORAGE_OPTION
 @pass_ctx
 def convert(ctx: Context, src: str, dst: str, hdu: str | None, overwrite: bool, storage_option) -> None:
     """Convert an image between FITS and Zarr (local paths or fsspec URLs)."""
@@ -297,7 +295,7 @@ def run_cmd(ctx: Context, config: str, force: bool) -> None:
 @click.option("--subtracted", is_flag=True, help="Also write the background-subtracted image (as 'image').")
 @click.option("--hdu", default=None, help="FITS extension of IMAGE.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@STORAGE_OPTION
 @pass_ctx
 def background_cmd(ctx: Context, image: str, output: str, mesh: int, filter_size: int, method: str, order: int,
                    grow: int, subtracted: bool, hdu: str | None, overwrite: bool, storage_option) -> None:
@@ -344,7 +342,7 @@ def background_cmd(ctx: Context, image: str, output: str, mesh: int, filter_size
 @click.option("--name-col", default=None, help="Catalog column naming the files (default: id, else row number).")
 @click.option("--hdu", default=None, help="FITS extension of IMAGE.")
 @click.option("--overwrite", is_flag=True, help="Replace existing cutouts.")
-@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@STORAGE_OPTION
 @pass_ctx
 def cutout_cmd(ctx: Context, image: str, catalog: str, size: str, output: str, unit: str, partial: str, sky: str | None,
                gain: float | None, mask_sources: bool, fwhm: float | None, name_col: str | None, hdu: str | None,
@@ -459,7 +457,7 @@ def _write_product(ds: Any, output: str, overwrite: bool, opts: dict[str, Any]) 
 @click.option("--fwhm", default=None, type=float, multiple=True,
               help="Gaussian PSF FWHM (px) per image (repeat once per image); default: header or measured on stars.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@STORAGE_OPTION
 @pass_ctx
 def coadd_cmd(ctx: Context, images: tuple[str, ...], output: str, method: str, fwhm: tuple[float, ...],
               overwrite: bool, storage_option) -> None:
@@ -491,7 +489,7 @@ def coadd_cmd(ctx: Context, images: tuple[str, ...], output: str, method: str, f
               help="Solve and subtract additive offsets between overlapping inputs.")
 @click.option("--reference", default=None, type=int, help="Input index whose background level is kept.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@STORAGE_OPTION
 @pass_ctx
 def mosaic_cmd(ctx: Context, inputs: tuple[str, ...], output: str, combine: str, resolution: float | None,
                tile_size: int, match_background: bool, reference: int | None, overwrite: bool, storage_option) -> None:
@@ -542,15 +540,10 @@ def detect_cmd(ctx: Context, image: str, output: str, nsigma: float, minarea: in
                                  deblend_cont=deblend_cont, **tiles)
         except ValueError as exc:
             fail(str(exc))
+    from .io import write_table
+
     try:
-        try:
-            from .io import write_table
-        except ImportError:  # pragma: no cover - io not installed
-            write_table = None
-        if write_table is not None:
-            write_table(cat, output, overwrite=overwrite, storage_options=opts)
-        else:  # pragma: no cover
-            cat.write(output, overwrite=overwrite)
+        write_table(cat, output, overwrite=overwrite, storage_options=opts)
     except (OSError, ValueError) as exc:
         fail(f"cannot write {output!r}: {exc}")
     click.echo(f"wrote {output} ({len(cat)} sources)")
@@ -561,14 +554,10 @@ def detect_cmd(ctx: Context, image: str, output: str, nsigma: float, minarea: in
 
 # ===== psf =====
 def _read_catalog_or_fail(path: str, storage_options: dict[str, Any] | None = None):
-    from astropy.table import Table
+    from .io import read_table
 
     try:
-        try:
-            from .io import read_table
-        except ImportError:  # pragma: no cover
-            read_table = None
-        return read_table(path, storage_options=storage_options) if read_table is not None else Table.read(path)
+        return read_table(path, storage_options=storage_options)
     except (OSError, ValueError) as exc:
         fail(f"cannot read catalog {path!r}: {exc}")
 
@@ -651,15 +640,10 @@ def photometry_cmd(ctx: Context, image: str, psf_path: str, output: str, catalog
                                  overlap=ctx.overlap, box=box)
         except (ValueError, TypeError) as exc:
             fail(str(exc))
+    from .io import write_table
+
     try:
-        try:
-            from .io import write_table
-        except ImportError:  # pragma: no cover
-            write_table = None
-        if write_table is not None:
-            write_table(tab, output, overwrite=overwrite, storage_options=opts)
-        else:  # pragma: no cover
-            tab.write(output, overwrite=overwrite)
+        write_table(tab, output, overwrite=overwrite, storage_options=opts)
     except (OSError, ValueError) as exc:
         fail(f"cannot write {output!r}: {exc}")
     click.echo(f"wrote {output} ({len(tab)} sources)")
@@ -686,7 +670,7 @@ def photometry_cmd(ctx: Context, image: str, psf_path: str, output: str, catalog
               help="Also mask dark-current outliers above this many robust sigma.")
 @click.option("--calib-variance", is_flag=True, help="Propagate the calibration frames' variance too.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@STORAGE_OPTION
 @pass_ctx
 def calibrate_cmd(ctx: Context, raw: str, output: str, bias: str | None, dark: str | None, flat: str | None,
                   dark_scale: float | None, flat_norm: str, dark_has_bias: bool, flat_has_bias: bool,
@@ -752,7 +736,7 @@ def calibrate_cmd(ctx: Context, raw: str, output: str, bias: str | None, dark: s
               help="PSF estimate when no PSF is given (ZOGY).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
 @click.option("--no-cluster", is_flag=True, help="Run on the local threaded scheduler instead of a LocalCluster.")
-@click.option("--storage-option", "-s", multiple=True, metavar="KEY=VALUE", help="fsspec storage option (repeatable).")
+@STORAGE_OPTION
 @pass_ctx
 def subtract_cmd(ctx: Context, new: str, ref: str, output: str, method: str, fits_out: str | None,
                  candidates: str | None, plot: str | None, nsigma: float, new_gain: float | None,

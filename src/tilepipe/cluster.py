@@ -123,28 +123,9 @@ def progress(*futures_or_collections: Any, show: bool = True, stream: Any = None
         return
     futures = futures_of(futures_or_collections)
     if futures:
-        _stream_progress_bar(futures, stream)
+        import contextlib
 
+        from distributed.diagnostics.progressbar import TextProgressBar
 
-def _stream_progress_bar(futures: list[Any], stream: Any) -> None:
-    """distributed's ``TextProgressBar`` (which always writes to ``sys.stdout``), drawn on ``stream``."""
-    from contextlib import suppress
-
-    from distributed.diagnostics.progressbar import TextProgressBar
-    from dask.utils import format_time
-
-    class _Bar(TextProgressBar):
-        def _draw_bar(self, remaining, all, **kwargs):
-            frac = (1 - remaining / all) if all else 1.0
-            msg = "\r[{0:<{1}}] | {2}% Completed | {3}".format(
-                "#" * int(self.width * frac), self.width, int(100 * frac), format_time(self.elapsed))
-            with suppress(ValueError):
-                stream.write(msg)
-                stream.flush()
-
-        def _draw_stop(self, **kwargs):
-            with suppress(ValueError):
-                stream.write("\n")  # leave the final state of the bar on its own line
-                stream.flush()
-
-    _Bar(futures, complete=True)
+        with contextlib.redirect_stdout(stream):  # distributed's text bar writes to sys.stdout
+            TextProgressBar(futures, complete=True)

@@ -446,12 +446,11 @@ def _coadd_tile(*blocks: np.ndarray, tile: Any, n: int, method: str, F: np.ndarr
 def _sample_stats(dss: Sequence[xr.Dataset], backgrounds: Sequence[Any], max_sample: int = 1_000_000) -> list[tuple[float, float]]:
     """Global robust (sky, sigma) of each image from a strided sample (one compute).
 
-    ``sky`` is the sigma-clipped median of the sample (0 for a given
-    background); ``sigma`` comes from differences of sample pixels at least
-    4 px apart (:func:`tilepipe.image._sky_and_noise`), so a sky gradient
-    left in the image (a constant background) is not counted as noise.
+    :func:`tilepipe.image._sky_and_noise`: ``sky`` the sigma-clipped median
+    of the sample (0 for a given background), ``sigma`` from differences of
+    sample pixels at least 4 px apart, so a sky gradient left in the image
+    (a constant background) is not counted as noise.
     """
-    from .cutout import _clipped_stats
     from .image import _sky_and_noise
 
     shape = dss[0]["image"].shape
@@ -469,8 +468,8 @@ def _sample_stats(dss: Sequence[xr.Dataset], backgrounds: Sequence[Any], max_sam
         ok = ~np.asarray(bad) & np.isfinite(sub)
         if bs is not None:
             sub = sub - np.asarray(bs, np.float64)
-        sigma = float(_sky_and_noise(np.where(ok, sub, np.nan), stride)[1])
-        out.append((0.0 if bs is not None else float(_clipped_stats(sub[ok])[0]), sigma))
+        sky, sigma = (float(v) for v in _sky_and_noise(np.where(ok, sub, np.nan), stride))
+        out.append((0.0 if bs is not None else sky, sigma))
     return out
 
 

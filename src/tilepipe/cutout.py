@@ -969,7 +969,7 @@ def _group_task(
     storage_options: dict[str, Any] | None,
     overwrite: bool,
     psf: Any,
-    target: str | None = None,
+    target: str,
 ) -> list[dict[str, Any]]:
     region = _Region(region_origin, shape, **{n: np.asarray(p) for n, p in zip(names, pieces)})
     results = []
@@ -977,7 +977,7 @@ def _group_task(
     if fmt == "zarr":
         import zarr
 
-        root = zarr.open_group(_zarr_store(target or output, storage_options), mode="r+")
+        root = zarr.open_group(_zarr_store(target, storage_options), mode="r+")
         zarrays = {k: root[k] for k in ("image", "mask", "sigma")}
     for row in rows:
         res = dict(row)
@@ -1015,109 +1015,6 @@ def _zarr_store(path: str, storage_options: dict[str, Any] | None) -> Any:
         lp = path.split("://", 1)[1] if path.startswith("file://") else path
         return zarr.storage.LocalStore(lp)
     return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options or {})
-
-
-def _zarr_begin(output: str, storage_options: dict[str, Any] | None, overwrite: bool, temporary: bool = True) -> str:
-    """Where to write a batch Zarr store: a hidden temporary sibling of ``output``, or ``output`` itself.
-
-    An existing ``output`` without ``overwrite`` is refused before anything is
-    written.  A local store is written under a hidden sibling name and
-    published by :func:`_zarr_commit` (a rename) only once complete.  At a URL
-    (object stores have no rename) a new store is written in place, and removed
-    by :func:`_zarr_abort` on failure; an existing one being overwritten stays
-    untouched while the new one is written under a hidden sibling prefix, which
-    :func:`_zarr_commit` swaps in (old keys out, new keys in, root
-    ``zarr.json`` last).  Either way a failure leaves no half-written store and,
-    with ``overwrite``, the previous store intact.
-
-    Parameters
-    ----------
-    output : str
-        Local path or fsspec URL of the store.
-    storage_options : dict or None
-        fsspec options of ``output``.
-    overwrite : bool
-        Replace an existing store.
-    temporary : bool
-        Write beside ``output`` (``False``: straight into ``output``, for
-        ``compute=False``, whose caller runs the tasks).
-
-    Returns
-    -------
-    str
-        The path or URL to write the store to.
-
-    Raises
-    ------
-    FileExistsError
-        ``output`` exists and ``overwrite`` is false.
-    """
-    from .io._fs import exists_error, get_fs, local_path, tmp_sibling
-    from .io.zarr import _hidden_sibling
-
-    lp = local_path(output)
-    if lp is None:
-        fs, path = get_fs(output, storage_options)
-        fs.invalidate_cache()
-        if not fs.exists(path):
-            return output
-        if not overwrite:
-            raise exists_error(output)
-        return _hidden_sibling(output, f"tmp-{uuid.uuid4().hex[:10]}") if temporary else output
-    if os.path.lexists(lp) and not overwrite:
-        raise exists_error(output)
-    parent = os.path.dirname(lp) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tmp_sibling(lp) if temporary else output
-
-
-def _zarr_commit(target: str, output: str, overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
-    """Publish the complete store written at ``target`` as ``output`` (nothing to do when they are the same).
-
-    A local store is renamed into place (the temporary is removed if that
-    fails); at a URL the keys are swapped by
-    :func:`tilepipe.io.zarr._replace_remote` (root ``zarr.json`` last): if
-    that fails, its error says where the complete new store was left.
-    """
-    from .io._fs import commit_local, get_fs, local_path, remove_local
-
-    if target == output:
-        return
-    lp = local_path(output)
-    if lp is not None:
-        try:
-            commit_local(target, lp, overwrite)
-        except BaseException:
-            remove_local(target)
-            raise
-        return
-    from .io.zarr import _replace_remote
-
-    fs, path = get_fs(output, storage_options)
-    _replace_remote(fs, get_fs(target, storage_options)[1], path, output)
-
-
-def _zarr_abort(target: str, output: str, storage_options: dict[str, Any] | None) -> None:
-    """Remove the store of a failed batch: the hidden temporary one, or ``output`` when it was written in place.
-
-    A previous store being overwritten through a temporary is never touched
-    here (only :func:`_zarr_commit` replaces it).  On a URL the prefix is
-    removed until it stays empty (:func:`tilepipe.io.zarr._remove_remote`:
-    tasks still running may write a few more chunks after a failure).
-    """
-    from .io._fs import get_fs, local_path, remove_local
-
-    if local_path(target) is not None:
-        remove_local(target)
-        return
-    from .io.zarr import _remove_remote
-
-    try:
-        fs, path = get_fs(target, storage_options)
-    except Exception as exc:  # noqa: BLE001 - best effort; the store carries no complete=True attribute
-        log.warning("cutouts: could not remove the incomplete store %s: %s", target, exc)
-        return
-    _remove_remote(fs, path, target)
 
 
 def _read_catalog(catalog: Any) -> Table:
@@ -1278,11 +1175,13 @@ def cutouts(
     if fmt == "zarr":
         import zarr
 
+        from .io.zarr import _begin_store, _commit_store, _discard_store
+
         # compute=False: the caller runs the tasks, so they write straight into output (never marked complete)
-        target = _zarr_begin(output, out_opts, overwrite, temporary=compute)
+        target = _begin_store(output, out_opts, overwrite, temporary=compute)
         try:
             root = zarr.open_group(_zarr_store(target, out_opts), mode="w" if (overwrite or target != output) else "w-",
-                                   zarr_format=3)  # v3: the root zarr.json is the marker _zarr_commit moves last
+                                   zarr_format=3)  # v3: the root zarr.json is the marker _commit_store moves last
             n = len(xs)
             for k, dt in (("image", "float32"), ("mask", "uint8"), ("sigma", "float32")):
                 root.create_array(k, shape=(n, ny, nx), chunks=(1, ny, nx), dtype=dt, fill_value=0)
@@ -1292,13 +1191,13 @@ def cutouts(
             # that could not be cut gets -1, as in the table), with compute=False they are what the tasks cut
             boxes = [_box(a, b, ny, nx) for a, b in zip(xs, ys)]
             root.create_array("x0", shape=(n,), dtype="int64", fill_value=-1)[:] = np.array(
-                [b[2] for b in boxes], dtype=np.int64).reshape(n)
+                [b[2] for b in boxes], dtype=np.int64)
             root.create_array("y0", shape=(n,), dtype="int64", fill_value=-1)[:] = np.array(
-                [b[0] for b in boxes], dtype=np.int64).reshape(n)
+                [b[0] for b in boxes], dtype=np.int64)
             root.attrs.update({"header": cards, "names": names, "size": [ny, nx], "mask_convention": "1 = bad",
                                "wcs_note": "cutout i's WCS = header with CRPIX1 -= x0[i], CRPIX2 -= y0[i]"})
         except BaseException:
-            _zarr_abort(target, output, out_opts)
+            _discard_store(target, out_opts)
             raise
     else:
         fs, p, local = _fs_for(output, out_opts)
@@ -1334,7 +1233,7 @@ def cutouts(
         results = dask.compute(*tasks)
     except BaseException:
         if fmt == "zarr":
-            _zarr_abort(target, output, out_opts)
+            _discard_store(target, out_opts)
         raise
     rows = [r for group in results for r in group] + outside_rows
     rows.sort(key=lambda r: r["index"])
@@ -1357,9 +1256,9 @@ def cutouts(
             root.attrs["status"] = [str(s) for s in table["status"]]
             root.attrs["complete"] = True
         except BaseException:
-            _zarr_abort(target, output, out_opts)
+            _discard_store(target, out_opts)
             raise
-        _zarr_commit(target, output, overwrite, out_opts)
+        _commit_store(target, output, out_opts, overwrite)
     n_bad = int(np.sum(np.isin(table["status"], ["outside", "error"])))
     if n_bad:
         log.warning("cutouts: %d of %d targets could not be cut (see the 'status' and 'message' columns)", n_bad, len(table))

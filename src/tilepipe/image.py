@@ -485,9 +485,7 @@ def make_dataset(
     cards = header_to_cards(header)
     image, image_mask = _split_masked(image)
     variance, var_mask = (None, None) if variance is None else _split_masked(variance)
-    if isinstance(mask, np.ma.MaskedArray):
-        mask = np.ma.filled(mask.astype(bool), True)
-    elif mask is not None:
+    if mask is not None:
         mask, mask_mask = _split_masked(mask)
         if mask_mask is not None:
             mask = mask.astype(bool) | mask_mask
@@ -512,18 +510,22 @@ def make_dataset(
 
     stats = None
     r_img = None if region_of(image) is None else Region(_float32_region, {"a": region_of(image)})
-    if variance is None and image_mask is not None:
+    def dask_mask(m: Any, name: str) -> da.Array:
+        return _to_dask(m, img.chunks, f"the mask of {name}", img.shape).astype(bool)
+
+    masks = [] if image_mask is None else [dask_mask(image_mask, "image")]
+    if variance is None and masks:
         # the masked pixels of a masked array often hold fill values: keep them out of the sky statistics
-        hidden = _to_dask(image_mask, img.chunks, "the mask of image", img.shape).astype(bool)
-        var, stats = _default_variance(da.where(hidden, np.float32(np.nan), img), gain)
+        var, stats = _default_variance(da.where(masks[0], np.float32(np.nan), img), gain)
     elif variance is None:
         var, stats = _default_variance(img, gain, region=r_img)
     else:
         var = _to_dask(variance, img.chunks, "variance", img.shape)
         var = var.astype(np.float32)
-    for name, extra_mask in (("image", image_mask), ("variance", var_mask)):
-        if extra_mask is not None:  # the mask of a masked array: same shape as its values
-            bad = bad | _to_dask(extra_mask, img.chunks, f"the mask of {name}", img.shape).astype(bool)
+    if var_mask is not None:
+        masks.append(dask_mask(var_mask, "variance"))
+    for m in masks:  # the masks of masked arrays: same shape as their values
+        bad = bad | m
     if bunit is None:
         for c in cards:
             if c[0] == "BUNIT":

@@ -25,7 +25,7 @@ import xarray as xr
 from astropy.table import Table
 
 from ._validate import check_choice, check_int, check_positive
-from .detect import _f32, _meta, _positions, _SEP_LOCK, rows_per_tile
+from .detect import _MESH, _f32, _meta, _positions, _SEP_LOCK, rows_per_tile
 from .exceptions import FallbackWarning
 from .tiling import make_grid
 
@@ -59,7 +59,7 @@ def _background_map(ds: xr.Dataset, background: Any, need_global: bool, nx: int,
 
         # as detect_sources: the mesh background's maps do not depend on its tiling (capped to what the mesh
         # allows), and an image smaller than one mesh gets a smaller mesh with a warning
-        mesh, bnx, bny, message = fit_mesh_to_image(shape, 64, nx, ny if ny is not None else nx)
+        mesh, bnx, bny, message = fit_mesh_to_image(shape, _MESH, nx, ny if ny is not None else nx)
         if message:
             warnings.warn(message, FallbackWarning, stacklevel=3)
         return estimate_background(ds, mesh, nx=bnx, ny=bny)["background"].data

@@ -790,7 +790,8 @@ def run_pipeline(
                 results.append(res)
                 final = _join(out, exp["name"])
                 marker = posixpath.join(root, exp["name"], COMPLETE)
-                if fs.exists(marker) and not force:
+                complete = fs.exists(marker)  # one request per exposure (object stores)
+                if complete and not force:
                     res.status = "skipped"
                     with fs.open(marker, "rb") as fh:
                         prev = json.loads(fh.read())
@@ -807,7 +808,7 @@ def run_pipeline(
                 # a complete previous product (force=True) is replaced only once the new one is complete: the
                 # new one is written under a temporary name (always for local outputs, which are renamed into
                 # place; for remote ones when there is a complete product to keep)
-                keep_old = fs.exists(marker)
+                keep_old = complete
                 tmpname = f".{exp['name']}.tmp-{uuid.uuid4().hex[:8]}"
                 workdir = _join(out, tmpname) if (local or keep_old) else final
                 try:

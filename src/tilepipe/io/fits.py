@@ -967,11 +967,8 @@ def _choose_variables(ds: xr.Dataset, variables: Sequence[str] | None) -> list[s
     if variables is None:
         # the image plane's (y, x): 'image' when present, else (y, x), else the first 2-D variable;
         # PSF stamps, kernels and other 2-D variables on other dims are left out
-        ref = None
-        if "image" in two_d:
-            ref = ds["image"]
-        else:
-            ref = next((ds[k] for k in two_d if ds[k].dims == ("y", "x")), ds[two_d[0]] if two_d else None)
+        ref = ds["image"] if "image" in two_d else next(
+            (ds[k] for k in two_d if ds[k].dims == ("y", "x")), ds[two_d[0]] if two_d else None)
         names = [k for k in two_d if ref is not None and ds[k].dims == ref.dims and ds[k].shape == ref.shape]
         skipped = [k for k in ds.data_vars if k not in names]
         if skipped:

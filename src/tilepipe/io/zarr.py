@@ -327,49 +327,86 @@ def write_zarr(
     if not ds.data_vars:
         raise ValueError("the Dataset has no variables to write")
     comp = default_compressor() if compressor is None else compressor
+    target = _begin_store(url, storage_options, overwrite)
+    try:
+        _write_store(ds, target, storage_options, chunks, comp, consolidated)
+    except BaseException:
+        _discard_store(target, storage_options)
+        raise
+    _commit_store(target, url, storage_options, overwrite)
+    return url
+
+
+def _begin_store(url: str, storage_options: dict[str, Any] | None, overwrite: bool, temporary: bool = True) -> str:
+    """Where to write a new store for ``url``: a hidden temporary sibling, or ``url`` itself.
+
+    Refuses an existing ``url`` without ``overwrite`` (``FileExistsError``) and a missing parent
+    folder or bucket (``FileNotFoundError``) before anything is written.  A local store is written
+    under a hidden sibling name (renamed into place by :func:`_commit_store`).  At a URL a new store
+    is written in place (the root ``zarr.json`` last is its completion marker); an existing one
+    being overwritten stays untouched (and readable) while the new one is written under a hidden
+    sibling prefix, swapped in by :func:`_commit_store`.  ``temporary=False`` always returns
+    ``url`` (the caller writes straight into it).
+    """
     lp = _fs.local_path(url)
-    fs, path = _fs.get_fs(url, storage_options)
     if lp is not None:
         _fs.check_local_parent(lp)
         if os.path.lexists(lp) and not overwrite:
             raise _fs.exists_error(url)
-        target = _fs.tmp_sibling(lp)
-        try:
-            _write_store(ds, target, None, chunks, comp, consolidated)
-            _fs.commit_local(target, lp, overwrite)
-        except BaseException:
-            # tasks still running on other threads may write a few more chunks after a failure:
-            # keep removing the hidden temporary until it stays gone
-            gone = 0
-            for _ in range(100):  # at most ~5 s; done once it stayed absent for 0.25 s
-                _fs.remove_local(target)
-                time.sleep(0.05)
-                gone = gone + 1 if not os.path.lexists(target) else 0
-                if gone >= 5:
-                    break
-            raise
-        return url
+        return _fs.tmp_sibling(lp) if temporary else url
+    fs, path = _fs.get_fs(url, storage_options)
     _fs.check_bucket(fs, path, url)
+    fs.invalidate_cache()
     if not fs.exists(path):
-        try:
-            _write_store(ds, url, storage_options, chunks, comp, consolidated)
-        except BaseException:
-            _remove_remote(fs, path, url)
-            raise
         return url
     if not overwrite:
         raise _fs.exists_error(url)
-    # the old store stays untouched (and readable: ds may be a lazy product of it) until the new
-    # one is complete under a hidden sibling prefix; only then are the keys swapped
-    tag = f"tmp-{uuid.uuid4().hex[:10]}"
-    tmp_url, tmp_path = _hidden_sibling(url, tag), _hidden_sibling(path, tag)
+    return _hidden_sibling(url, f"tmp-{uuid.uuid4().hex[:10]}") if temporary else url
+
+
+def _commit_store(target: str, url: str, storage_options: dict[str, Any] | None, overwrite: bool) -> None:
+    """Publish the complete store written at ``target`` (from :func:`_begin_store`) as ``url``.
+
+    Nothing to do when ``target`` is ``url``.  A local store is renamed into place (the temporary
+    is removed if that fails); at a URL the keys are swapped by :func:`_replace_remote` (root
+    ``zarr.json`` last): if that fails, its error says where the complete new store was left.
+    """
+    if target == url:
+        return
+    lp = _fs.local_path(url)
+    if lp is not None:
+        try:
+            _fs.commit_local(target, lp, overwrite)
+        except BaseException:
+            _discard_store(target, storage_options)
+            raise
+        return
+    fs, path = _fs.get_fs(url, storage_options)
+    _replace_remote(fs, _fs.get_fs(target, storage_options)[1], path, url)
+
+
+def _discard_store(target: str, storage_options: dict[str, Any] | None) -> None:
+    """Remove the store of a failed write at ``target`` (best effort; never the store being overwritten,
+    unless the write went straight into it).
+
+    Tasks still running on other threads or workers may write a few more chunks after a failure:
+    keep removing until it stayed gone for a moment (at most ~5 s), locally and at a URL alike.
+    """
+    if _fs.local_path(target) is not None:
+        gone = 0
+        for _ in range(100):  # done once it stayed absent for 0.25 s
+            _fs.remove_local(target)
+            time.sleep(0.05)
+            gone = gone + 1 if not os.path.lexists(target) else 0
+            if gone >= 5:
+                return
+        return
     try:
-        _write_store(ds, tmp_url, storage_options, chunks, comp, consolidated)
-    except BaseException:
-        _remove_remote(fs, tmp_path, tmp_url)
-        raise
-    _replace_remote(fs, tmp_path, path, url)
-    return url
+        fs, path = _fs.get_fs(target, storage_options)
+    except Exception as exc:  # noqa: BLE001 - best effort
+        log.warning("could not clean up the incomplete store %s: %s", target, exc)
+        return
+    _remove_remote(fs, path, target)
 
 
 def _hidden_sibling(url: str, tag: str) -> str:

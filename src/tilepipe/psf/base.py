@@ -165,32 +165,18 @@ class BasePSF:
             "client_kwargs": {"endpoint_url": ...}}`` for S3), as for
             :func:`tilepipe.open_image`.
         """
-        import io
-
-        from astropy.io import fits
-
         from ..io import _fs
+        from ..io.fits import _opened
 
-        url = _fs.as_str(path, "path")
-        lp = _fs.local_path(url)
         try:
-            if lp is not None:
-                hdul = fits.open(lp)
-            else:
-                fs, fpath = _fs.get_fs(url, storage_options)
-                # a PSF file is small: one GET, then astropy reads (and un-gzips) it from memory
-                hdul = fits.open(io.BytesIO(fs.cat_file(fpath)))
+            with _opened(_fs.as_str(path, "path"), storage_options) as hdul:  # local or URL, gzip included
+                if "TPPSF" not in hdul:
+                    raise ValueError(
+                        f"{path} is not a tilepipe PSF file (no TPPSF extension); write it with PSFModel.to_fits"
+                    )
+                text = hdul["TPPSF"].data["JSON"][0]
         except FileNotFoundError as exc:
-            if lp is not None:
-                raise FileNotFoundError(f"PSF file not found: {lp!r}; check the path") from exc
-            fs, _ = _fs.get_fs(url, storage_options)
-            raise FileNotFoundError(f"PSF file not found: {url!r}; {_fs.describe_remote(fs, url)}") from exc
-        with hdul:
-            if "TPPSF" not in hdul:
-                raise ValueError(
-                    f"{path} is not a tilepipe PSF file (no TPPSF extension); write it with PSFModel.to_fits"
-                )
-            text = hdul["TPPSF"].data["JSON"][0]
+            raise FileNotFoundError(str(exc).replace("FITS file not found", "PSF file not found", 1)) from exc
         if isinstance(text, bytes):
             text = text.decode()
         return load_psf(json.loads(text))

@@ -129,18 +129,15 @@ def subtract(
         from .sfft import sfft_subtract
 
         # the inputs as given: sfft_subtract opens them itself, building a default variance with the gains
-        new_ds, ref_ds = new, ref
         return sfft_subtract(
-            new_ds, ref_ds, nx=nx, ny=ny, overlap=overlap, new_psf=new_psf, ref_psf=ref_psf, new_var=new_var,
+            new, ref, nx=nx, ny=ny, overlap=overlap, new_psf=new_psf, ref_psf=ref_psf, new_var=new_var,
             ref_var=ref_var, new_gain=new_gain, ref_gain=ref_gain, scale=scale, fit_scale=fit_scale,
             fit_shift=fit_shift, **kwargs,
-        ) if _sfft_takes_all() else sfft_subtract(new_ds, ref_ds, **_sfft_kwargs(locals(), kwargs))
+        ) if _sfft_takes_all() else sfft_subtract(new, ref, **_sfft_kwargs(locals(), kwargs))
     from .zogy import zogy_subtract
 
-    new_ds = open_image(new)
-    ref_ds = open_image(ref)
     return zogy_subtract(
-        new_ds, ref_ds, nx=nx, ny=ny, overlap=overlap, new_psf=new_psf, ref_psf=ref_psf, new_var=new_var,
+        open_image(new), open_image(ref), nx=nx, ny=ny, overlap=overlap, new_psf=new_psf, ref_psf=ref_psf, new_var=new_var,
         ref_var=ref_var, new_gain=new_gain, ref_gain=ref_gain, scale=scale, fit_scale=fit_scale,
         fit_shift=fit_shift, dx=dx, dy=dy, **kwargs,
     )

@@ -74,6 +74,7 @@ from dask.utils import apply
 from scipy import ndimage
 
 from .._validate import as_pair, check_choice, check_int, check_positive
+from ..background import fit_mesh_to_image
 from ..exceptions import FallbackWarning, OverlapWarning
 from ..image import has_wcs, open_image, wcs
 from ..tiling import (Region, TileGrid, _tile_table, bind_regions, evaluate_regions, fill_regions, map_windows,
@@ -104,7 +105,7 @@ def _odd_stamp(stamp: Any, what: str) -> np.ndarray:
     n = max(a.shape)
     n += 1 - n % 2
     out = np.zeros((n, n))
-    oy, ox = (n - a.shape[0] + 1) // 2 - (a.shape[0] % 2 == 0), (n - a.shape[1] + 1) // 2 - (a.shape[1] % 2 == 0)
+    oy, ox = ((n - m - 1 + m % 2) // 2 for m in a.shape)  # an even side: its centre lands half a pixel short
     out[oy:oy + a.shape[0], ox:ox + a.shape[1]] = a
     if any(shift):
         from scipy import ndimage
@@ -1066,7 +1067,7 @@ def zogy_subtract(
         if text:
             warnings.warn(text, FallbackWarning, stacklevel=3)
     step = max(1, int(np.sqrt(h * w / 250_000)))
-    samples = _map_samples(solved, _mesh_px(mesh, shape), shape, step)
+    samples = _map_samples(solved, fit_mesh_to_image(shape, mesh, 1, 1)[0], shape, step)
     if gain_n is None or gain_r is None:
         est = {}
         for key, g, b_, r_ in zip(("new", "ref"), (gain_n, gain_r), samples["bkg32"], samples["rms32"]):
@@ -1321,17 +1322,12 @@ def _background(ds: xr.Dataset, *, mesh: int, nx: int, ny: int) -> tuple[da.Arra
     the pixels, not one compute per image.  An image smaller than one mesh
     gets a mesh cut to its size, with a :class:`FallbackWarning`.
     """
-    from ..background import fit_mesh_to_image, mesh_background_lazy
+    from ..background import mesh_background_lazy
 
     m, nx, ny, message = fit_mesh_to_image(ds["image"].shape, mesh, nx, ny)
     if message:
         warnings.warn(message, FallbackWarning, stacklevel=4)
     return mesh_background_lazy(ds, m, nx=nx, ny=ny)
-
-
-def _mesh_px(mesh: int, shape: tuple[int, int]) -> tuple[int, int]:
-    """The background mesh (px) of an image of ``shape``: ``mesh``, cut to an image smaller than one mesh."""
-    return min(mesh, shape[0]), min(mesh, shape[1])
 
 
 def _user_var(var: Any, ds: xr.Dataset, shape: tuple[int, int], chunks: Any, name: str) -> da.Array | None:
