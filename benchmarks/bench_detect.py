@@ -34,6 +34,12 @@ process, the methods interleaved so that a slow spell of the shared machine
 hits all of them) and reports the median wall time with its range: on a
 shared VM one run of sep at 2k varies by up to 2x between runs.
 
+``--warm`` times a second image (a copy of the first under another name) in
+each process, and for tilepipe on the same workers, after an untimed run on
+the first: the cost per image of a night once the processes have run, without
+their first-use costs (on this project's VM a fresh process's first touch of
+new memory is slow: ``bench_breakdown.py --first-touch``).
+
 Peak memory is the peak resident set size (``VmHWM``) of the process
 doing the work; for tilepipe it is reported for the client process and for the
 largest worker.  Completeness = fraction of true stars with S/N > 10 matched
@@ -71,10 +77,24 @@ def _quality(x, y, truth_path):
     return comp, float(np.mean(d2 > 3.0))
 
 
-def run_sep(path, truth):
+def _warm_copy(path):
+    """A copy of ``path`` under another name: ``--warm`` measures a second image, not a cached first one."""
+    import shutil
+
+    root, ext = os.path.splitext(path)
+    other = f"{root}-second{ext}"
+    if not os.path.exists(other):
+        shutil.copyfile(path, other)
+    return other
+
+
+def run_sep(path, truth, warm=False):
     import sep
     from astropy.io import fits
 
+    if warm:  # --warm: the same work on a first image, untimed, then the timed run on a second one
+        run_sep(path, truth)
+        path = _warm_copy(path)
     t0 = time.perf_counter()
     data = np.ascontiguousarray(fits.getdata(path), dtype=np.float32)
     bkg = sep.Background(data, bw=64, bh=64, fw=3, fh=3)
@@ -87,12 +107,15 @@ def run_sep(path, truth):
     return {"wall": wall, "n": int(len(objs)), "completeness": comp, "spurious": spur, "mem": peak_rss_mb()}
 
 
-def run_photutils(path, truth):
+def run_photutils(path, truth, warm=False):
     from astropy.convolution import convolve
     from astropy.io import fits
     from photutils.background import Background2D
     from photutils.segmentation import SourceCatalog, SourceFinder
 
+    if warm:
+        run_photutils(path, truth)
+        path = _warm_copy(path)
     t0 = time.perf_counter()
     data = fits.getdata(path).astype(np.float32)
     bkg = Background2D(data, (64, 64), filter_size=(3, 3))
@@ -121,7 +144,7 @@ def _import_modules():
     import tilepipe.io.fits  # noqa: F401
 
 
-def run_tilepipe(path, truth, workers, size, tile):
+def run_tilepipe(path, truth, workers, size, tile, warm=False):
     import dask
 
     import tilepipe as tp
@@ -134,6 +157,9 @@ def run_tilepipe(path, truth, workers, size, tile):
     nt = max(1, size // tile)
     if workers == 0:  # one process, dask's synchronous scheduler: the pure compute cost, no cluster
         with dask.config.set(scheduler="synchronous"):
+            if warm:
+                tp.detect_sources(tp.open_image(path, chunks=tile), nsigma=1.5, nx=nt, ny=nt)
+                path = _warm_copy(path)
             t0 = time.perf_counter()
             ds = tp.open_image(path, chunks=tile)
             cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
@@ -152,6 +178,9 @@ def run_tilepipe(path, truth, workers, size, tile):
     client = Client(cluster)
     try:
         client.run(_import_modules)  # workers up, modules imported, before the clock starts
+        if warm:
+            tp.detect_sources(tp.open_image(path, chunks=tile), nsigma=1.5, nx=nt, ny=nt)
+            path = _warm_copy(path)
         t0 = time.perf_counter()
         ds = tp.open_image(path, chunks=tile)
         cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
@@ -167,17 +196,17 @@ def run_tilepipe(path, truth, workers, size, tile):
 
 def child(args):
     if args.method == "sep":
-        res = run_sep(args.input, args.truth)
+        res = run_sep(args.input, args.truth, args.warm)
     elif args.method == "photutils":
-        res = run_photutils(args.input, args.truth)
+        res = run_photutils(args.input, args.truth, args.warm)
     else:
-        res = run_tilepipe(args.input, args.truth, args.workers, args.size, args.tile)
+        res = run_tilepipe(args.input, args.truth, args.workers, args.size, args.tile, args.warm)
     print("RESULT " + json.dumps(res))
 
 
-def spawn(method, path, truth, size, tile, workers=1, timeout=600, halo="read"):
+def spawn(method, path, truth, size, tile, workers=1, timeout=600, halo="read", warm=False):
     cmd = [sys.executable, __file__, "--child", method, "--input", path, "--truth", truth, "--size", str(size),
-           "--tile", str(tile), "--workers", str(workers)]
+           "--tile", str(tile), "--workers", str(workers)] + (["--warm"] if warm else [])
     env = dict(os.environ, TILEPIPE_BENCH_HALO=halo)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in p.stdout.splitlines():
@@ -205,6 +234,10 @@ def main():
     ap.add_argument("--dask-default-env", action="store_true",
                     help="start workers with distributed's default environment (MALLOC_TRIM_THRESHOLD_=65536) "
                          "instead of tilepipe.cluster.WORKER_ENVIRON, to measure what that setting costs")
+    ap.add_argument("--warm", action="store_true",
+                    help="time a second image in each process (and on the same workers) after an untimed "
+                         "first one: what a night of images costs per image once the processes have run, "
+                         "without their first-use costs (fresh memory pages, first calls)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--input", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--truth", default=None, help=argparse.SUPPRESS)
@@ -241,16 +274,23 @@ def main():
             runs: dict[str, list[dict]] = {name: [] for name, *_ in jobs}
             for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every method alike
                 for name, method, w, halo in jobs:
-                    runs[name].append(spawn(method, path, truth, size, args.tile, workers=w, halo=halo))
+                    runs[name].append(spawn(method, path, truth, size, args.tile, workers=w, halo=halo,
+                                            warm=args.warm))
             res = {name: summarize(rs, ("mem", "worker_mem")) for name, rs in runs.items()}
             ref = res.get("sep")
             for name, r in res.items():
                 rows.append((size, name, r, ref))
             os.remove(path)
+            if os.path.exists(path.replace(".fits", "-second.fits")):
+                os.remove(path.replace(".fits", "-second.fits"))
     print()
     print(f"1-min load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
           f"({os.cpu_count()} cores)")
     print()
+    if args.warm:
+        print("--warm: each process (and its workers) ran the method once on a first image before the timed "
+              "run on a second one")
+        print()
     if args.repeat > 1:
         print(f"{args.repeat} runs per row: median wall time [min-max]; time / sep = ratio of the medians; "
               "peak memory = the largest of the runs")

@@ -125,6 +125,38 @@ def test_pixel_stack_overflow_is_a_flagged_tile(field, bkg):
     assert len(cat) > 0 and 0 not in set(cat["tile"])
 
 
+def test_small_first_pixel_stack_is_retried_with_the_full_one(field, bkg, monkeypatch):
+    """sep starts with a small pixel stack; a box that overflows it is extracted again with the full stack:
+    no failed tile, and the same catalog as with the full stack from the start."""
+    import sep
+
+    import tilepipe.detect as det
+
+    img = field.image["image"].values.copy()
+    yy, xx = np.mgrid[:768, :768]
+    img += 2000.0 * np.exp(-((xx - 200) ** 2 + (yy - 200) ** 2) / (2 * 20.0**2))  # ~10^4 pixels above threshold
+    ds = tp.open_image(img, variance=field.image["variance"].values)
+    full = tp.detect_sources(ds, background=bkg, nx=2, ny=2, pixstack=300_000)  # given: no retry
+    overflows = []
+    extract = sep.extract
+
+    def counting(*args, **kwargs):
+        try:
+            return extract(*args, **kwargs)
+        except Exception as exc:
+            overflows.append(str(exc))
+            raise
+
+    monkeypatch.setattr(det, "_PIXSTACK_FIRST", 1000)
+    monkeypatch.setattr(sep, "extract", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        cat = tp.detect_sources(ds, background=bkg, nx=2, ny=2)
+    assert overflows and all("pixel buffer full" in m for m in overflows)
+    assert not cat.meta["tile_status"]
+    _assert_same(full, cat)
+
+
 def test_all_nan_tile_and_fully_masked_image(field, bkg):
     img = field.image["image"].values.copy()
     img[:420, :420] = np.nan  # tile 0's whole outer box (core 384 + halo)

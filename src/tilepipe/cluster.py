@@ -22,14 +22,18 @@ log = logging.getLogger(__name__)
 __all__ = ["get_client", "client_context", "progress", "WORKER_ENVIRON"]
 
 #: Dask config for the worker processes tilepipe starts (use it for your own ``LocalCluster`` with
-#: ``dask.config.set(tilepipe.cluster.WORKER_ENVIRON)``).  distributed sets ``MALLOC_TRIM_THRESHOLD_=65536``
-#: in workers to return freed memory to the OS at once; setting it also switches off glibc's dynamic
-#: mmap threshold, so every large temporary array of a tile task is mapped, zeroed and unmapped
-#: afresh.  For tile tasks that allocate many image-sized temporaries that costs a lot of wall time
-#: (``python benchmarks/bench_detect.py --sizes 4096 --workers 1 --peers sep [--dask-default-env]``:
-#: 3.84 s with this setting, 5.74 s with distributed's default).  Peak memory per worker stays bounded
-#: by the tile size either way.
-WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+#: ``dask.config.set(tilepipe.cluster.WORKER_ENVIRON)``): glibc's allocator in the workers serves
+#: arrays below 32 MB from its heap and keeps up to 32 MB of freed memory at the heap's top
+#: (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), so the image-sized temporaries of one tile
+#: task reuse the pages of the previous one instead of being mapped, zeroed and unmapped afresh.
+#: distributed's default (``MALLOC_TRIM_THRESHOLD_=65536``, which also switches off glibc's dynamic mmap
+#: threshold) maps every one afresh: 4k detection on one worker took 5.74 s with it and 3.84 s without
+#: (``python benchmarks/bench_detect.py --sizes 4096 --workers 1 --peers sep [--dask-default-env]``).
+#: glibc's own dynamic threshold still faulted in ~100 MB of fresh pages per 2k detection; with these
+#: two settings a worker faults ~0 pages on its second image (README, detection benchmark) while a ZOGY
+#: worker's peak memory stays what it was (a 256 MB trim threshold kept 15-20 % more).
+WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 33554432,
+                  "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 33554432}
 
 
 def get_client(scheduler: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1,

@@ -84,6 +84,9 @@ SEP_FLAGS = {
 #: sep's process-global limits are set and used under this lock, so tile
 #: functions stay thread-safe (sep holds the GIL anyway: no parallelism lost).
 _SEP_LOCK = threading.Lock()
+#: sep's first pixel stack per box (pixels); a box that overflows it is extracted again with the full
+#: stack (``max(300000, box pixels / 8)``), which gives the same objects
+_PIXSTACK_FIRST = 32_768
 
 _GAUSS_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # FWHM / sigma
 
@@ -242,18 +245,28 @@ def _sep_extract(data: np.ndarray, err: np.ndarray, bad: np.ndarray, p: dict[str
     """One sep.extract call with the process-global limits set (under the lock)."""
     import sep
 
-    # a box cannot hold more object pixels than it has pixels: small cutouts get small stacks
-    stack = int(p["pixstack"]) if p["pixstack"] else min(max(300_000, data.size // 8), max(data.size, 1024))
-    with _SEP_LOCK:
-        sep.set_extract_pixstack(stack)
-        sep.set_sub_object_limit(int(p["sub_object_limit"]))
-        return sep.extract(
-            np.ascontiguousarray(data, dtype=np.float32), float(p["nsigma"]),
-            err=np.ascontiguousarray(err, dtype=np.float32), mask=np.ascontiguousarray(bad).view(np.uint8),
-            minarea=int(p["minarea"]), filter_kernel=p["kernel"], filter_type=p["filter_type"],
-            deblend_nthresh=int(p["deblend_nthresh"]), deblend_cont=float(p["deblend_cont"]),
-            clean=bool(p["clean"]), clean_param=float(p["clean_param"]), segmentation_map=True,
-        )
+    size = int(p["pixstack"]) if p["pixstack"] else min(max(300_000, data.size // 8), max(data.size, 1024))
+    # sep writes its whole pixel stack before it starts: try a smaller one first (most boxes need far
+    # less; ~8 MB fewer pages to touch per 1k tile) and the full size only if that one overflows
+    first = size if p["pixstack"] else min(size, max(_PIXSTACK_FIRST, data.size // 64))
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    err = np.ascontiguousarray(err, dtype=np.float32)
+    mask = np.ascontiguousarray(bad).view(np.uint8) if bad is not None and bad.any() else None
+    for stack in dict.fromkeys((first, size)):
+        with _SEP_LOCK:
+            sep.set_extract_pixstack(stack)
+            sep.set_sub_object_limit(int(p["sub_object_limit"]))
+            try:
+                return sep.extract(
+                    data, float(p["nsigma"]), err=err, mask=mask,
+                    minarea=int(p["minarea"]), filter_kernel=p["kernel"], filter_type=p["filter_type"],
+                    deblend_nthresh=int(p["deblend_nthresh"]), deblend_cont=float(p["deblend_cont"]),
+                    clean=bool(p["clean"]), clean_param=float(p["clean_param"]), segmentation_map=True,
+                )
+            except Exception as exc:  # sep raises a bare Exception for a full pixel stack
+                if stack == size or "pixel buffer full" not in str(exc):
+                    raise
+    raise AssertionError("unreachable")
 
 
 def _rows(objs: np.ndarray, seg: np.ndarray, var: np.ndarray, dy: int = 0, dx: int = 0) -> dict[str, np.ndarray]:
@@ -328,15 +341,21 @@ def _bundle_block(img: np.ndarray, bkg: np.ndarray, rms: np.ndarray, var: np.nda
     data, err, v = out[0], out[1], out[2]
     np.subtract(_f32(img), _f32(bkg), out=data)
     np.copyto(err, np.asarray(rms), casting="unsafe")
-    bad = ~np.isfinite(data)
-    bad |= np.asarray(mask, dtype=bool)
-    bad |= ~(err > 0)  # NaN or <= 0
-    bad |= np.isinf(err)
     np.copyto(v, np.asarray(var), casting="unsafe")
-    np.copyto(v, np.float32(0.0), where=~np.isfinite(v))
-    np.copyto(data, np.float32(0.0), where=bad)
-    np.copyto(err, np.float32(1.0), where=bad)
-    np.copyto(v, np.float32(np.nan), where=bad)
+    good = np.isfinite(data)
+    good &= err > 0
+    good &= err < np.inf  # NaN fails both comparisons
+    m = np.asarray(mask)
+    if m.dtype != bool or m.any():
+        good &= ~m.astype(bool, copy=False)
+    vbad = ~np.isfinite(v)
+    if vbad.any():
+        np.copyto(v, np.float32(0.0), where=vbad)
+    if not good.all():  # most tiles have no bad pixel: skip three masked passes
+        bad = ~good
+        np.copyto(data, np.float32(0.0), where=bad)
+        np.copyto(err, np.float32(1.0), where=bad)
+        np.copyto(v, np.float32(np.nan), where=bad)
     return out
 
 
@@ -794,8 +813,8 @@ def detect_sources(
             nxt[k] = _merge_boxes([b for _, res in mine for b in res.meta.get("cut_boxes", [])])
         todo = nxt
         H *= 4
-    for k, t in enumerate(tables):
-        t["tile"] = np.full(len(t), k, dtype=np.int32)
+    for k, t in enumerate(tables):  # after "flags": the catalog's column order (no reordering copy below)
+        t.add_column(np.full(len(t), k, dtype=np.int32), name="tile", index=t.colnames.index("flags") + 1)
     statuses = {k: t.meta.get("status", "ok") for k, t in enumerate(tables)}
     if all(s == "masked" for s in statuses.values()):
         raise ValueError(
@@ -825,7 +844,8 @@ def detect_sources(
         warn("detect_sources found no sources; lower nsigma or minarea, or check the background",
              NoDetectionsWarning)
     for c in ("xpeak", "ypeak"):
-        cat[c] = np.asarray(cat[c]).astype(np.int64)
+        if cat[c].dtype != np.int64:
+            cat[c] = np.asarray(cat[c]).astype(np.int64)
     cut = (np.asarray(cat["flags"]) & FLAG_HALO_CUT) != 0
     if cut.any():
         kh = 0 if kernel is None else kernel.shape[0] // 2
@@ -839,7 +859,9 @@ def detect_sources(
         )
     order = ["id", "x", "y", "flux", "flux_err", "a", "b", "theta", "fwhm", "ellipticity", "peak", "npix",
              "flags", "tile"]
-    cat = cat[order + [c for c in cat.colnames if c not in order]]
+    columns = order + [c for c in cat.colnames if c not in order]
+    if cat.colnames != columns:
+        cat = cat[columns]
     # a celestial WCS needs CTYPE cards: skip importing astropy.wcs (~0.4 s) for images without any
     ctype = any(str(c[0]).startswith("CTYPE") for c in ds.attrs.get("header", []) if c)
     if len(cat) and ctype and has_wcs(ds):
