@@ -41,12 +41,21 @@ Two measurements that back the explanations next to the README's detection and Z
    slower: the cost every fresh worker, every received task result and every
    output landing in the client pays.
 
+5. **Detection's fixed cost** (``--fixed-cost``): ``detect_sources`` on a 256²
+   ``make_field`` image read from FITS (2×2 tiles), where the computing is
+   negligible: ``--calls`` calls on a LocalCluster of one single-threaded
+   worker (``WORKER_ENVIRON``, imports done first) and in the same process
+   with dask's synchronous scheduler; median of the calls after an untimed
+   first one.  What every call costs however small the image: opening the
+   file, building the graph, the scheduler's round trips, the catalog.
+
 Usage::
 
     python benchmarks/bench_breakdown.py [--detect-size 2048] [--calls 3] [--zogy-size 4096] [--skip-zogy]
     python benchmarks/bench_breakdown.py --keep-heap   # the ZOGY worker runs with KEEP_HEAP's glibc settings
     python benchmarks/bench_breakdown.py --ceiling [--repeat 5]   # the two-process ceiling only
     python benchmarks/bench_breakdown.py --first-touch [--touch-mb 512] [--idle 8] [--repeat 3]
+    python benchmarks/bench_breakdown.py --fixed-cost [--calls 7]
 """
 
 from __future__ import annotations
@@ -150,6 +159,55 @@ def detect_pieces(size: int, calls: int) -> None:
         print(f"| tilepipe: {k} | {np.median([c.get(k, 0.0) for c in per_call]):.3f} |")
     for k in seps[0]:
         print(f"| sep: {k} | {np.median([c[k] for c in seps]):.3f} |")
+
+
+def fixed_cost(calls: int) -> None:
+    """``detect_sources`` on a 256² image: on one worker and in one process (see the module docstring, 5)."""
+    import dask
+    from astropy.io import fits
+    from distributed import Client, LocalCluster
+
+    import tilepipe as tp
+    from tilepipe.cluster import WORKER_ENVIRON
+    from tilepipe.datasets import make_field
+
+    def imports():
+        import distributed  # noqa: F401
+        import scipy.ndimage  # noqa: F401
+        import sep  # noqa: F401
+
+        import tilepipe.background  # noqa: F401
+        import tilepipe.detect  # noqa: F401
+        import tilepipe.io.fits  # noqa: F401
+
+    imports()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "field256.fits")
+        fits.writeto(path, np.asarray(make_field((256, 256), seed=0).image["image"].values, dtype=np.float32))
+
+        def timed() -> float:
+            walls = []
+            for _ in range(calls + 1):
+                t0 = time.perf_counter()
+                tp.detect_sources(tp.open_image(path, chunks=128), nsigma=1.5, nx=2, ny=2)
+                walls.append(time.perf_counter() - t0)
+            return float(np.median(walls[1:]))
+
+        with dask.config.set(WORKER_ENVIRON):
+            cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        try:
+            client.run(imports)
+            worker = timed()
+            with dask.config.set(scheduler="synchronous"):
+                local = timed()
+        finally:
+            client.close()
+            cluster.close()
+    print(f"\ndetect_sources on a 256² image, 2×2 tiles (median of {calls} calls after an untimed first)\n")
+    print("| where | seconds |\n|---|---|")
+    print(f"| one single-threaded worker (LocalCluster) | {worker:.3f} |")
+    print(f"| this process, synchronous scheduler | {local:.3f} |")
 
 
 # ----------------------------------------------------------------------- ZOGY
@@ -387,6 +445,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds of --ceiling or --first-touch")
     ap.add_argument("--first-touch", action="store_true",
                     help="only the first-touch cost of new memory (--touch-mb, after --idle seconds)")
+    ap.add_argument("--fixed-cost", action="store_true",
+                    help="only detection's fixed cost: detect_sources on a 256² image, one worker and in-process")
     ap.add_argument("--touch-mb", type=int, default=512)
     ap.add_argument("--idle", type=float, default=8.0)
     ap.add_argument("--touch-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -400,6 +460,8 @@ def main() -> None:
         return
     if args.first_touch:
         return first_touch(args.touch_mb, args.idle, args.repeat)
+    if args.fixed_cost:
+        return fixed_cost(args.calls)
     if args.ceiling:
         return ceiling(args.zogy_size, args.repeat)
     if args.zogy_child is not None:

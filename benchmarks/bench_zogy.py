@@ -201,14 +201,19 @@ def _warm() -> None:
 def run_tilepipe(d: str, nx: int, mode: str, fft: bool) -> dict:
     """One tilepipe run; ``mode`` is ``"threads:N"`` (threaded scheduler, N threads, one process)
     or ``"workers:N"`` (a LocalCluster of N single-threaded worker processes, started and warmed
-    before the clock starts)."""
+    before the clock starts); ``"workers:N:chunks"`` forces the chunk path on the cluster (persisted
+    inputs, outer boxes assembled from neighbouring chunks) instead of tasks reading their own boxes."""
     import tilepipe as tp
     from tilepipe.subtract import zogy as zmod
 
     _warm()
     pn, pr = true_psfs(d)
     fft_time = [0.0]
-    kind, n = mode.split(":")
+    kind, n, *path = mode.split(":")
+    if path == ["chunks"]:  # the chunk path on a cluster: persisted inputs, outer boxes from neighbouring chunks
+        import importlib
+
+        importlib.import_module("tilepipe.subtract.zogy")._USE_REGIONS.set(False)
     n = int(n)
     if fft:
         import scipy.fft as sfft
@@ -332,6 +337,8 @@ METHODS = {
     "tilepipe nx=1 (1 worker)": ("tilepipe", 1, "workers:1"),
     "tilepipe nx=4 (1 worker)": ("tilepipe", 4, "workers:1"),
     "tilepipe nx=4 (2 workers)": ("tilepipe", 4, "workers:2"),
+    "tilepipe nx=4 (1 worker, chunk path)": ("tilepipe", 4, "workers:1:chunks"),
+    "tilepipe nx=4 (2 workers, chunk path)": ("tilepipe", 4, "workers:2:chunks"),
     "stdpipe run_zogy nx=1": ("stdpipe", 1, ""),
     "stdpipe run_zogy nx=4": ("stdpipe", 4, ""),
     "properimage subtract": ("properimage", 1, ""),
