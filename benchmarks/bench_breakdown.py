@@ -167,18 +167,11 @@ def fixed_cost(calls: int) -> None:
     from astropy.io import fits
     from distributed import Client, LocalCluster
 
+    from bench_detect import _import_modules as imports  # what a detection task needs, imported first
+
     import tilepipe as tp
     from tilepipe.cluster import WORKER_ENVIRON
     from tilepipe.datasets import make_field
-
-    def imports():
-        import distributed  # noqa: F401
-        import scipy.ndimage  # noqa: F401
-        import sep  # noqa: F401
-
-        import tilepipe.background  # noqa: F401
-        import tilepipe.detect  # noqa: F401
-        import tilepipe.io.fits  # noqa: F401
 
     imports()
     with tempfile.TemporaryDirectory() as tmp:

@@ -155,15 +155,22 @@ def run_tilepipe(path, truth, workers, size, tile, warm=False):
 
         tilepipe.detect._USE_REGIONS.set(False)
     nt = max(1, size // tile)
+
+    def detect(p):
+        return tp.detect_sources(tp.open_image(p, chunks=tile), nsigma=1.5, nx=nt, ny=nt)
+
+    def timed():  # (wall, catalog); with --warm an untimed first image, then the timed second one
+        p = path
+        if warm:
+            detect(p)
+            p = _warm_copy(p)
+        t0 = time.perf_counter()
+        cat = detect(p)
+        return time.perf_counter() - t0, cat
+
     if workers == 0:  # one process, dask's synchronous scheduler: the pure compute cost, no cluster
         with dask.config.set(scheduler="synchronous"):
-            if warm:
-                tp.detect_sources(tp.open_image(path, chunks=tile), nsigma=1.5, nx=nt, ny=nt)
-                path = _warm_copy(path)
-            t0 = time.perf_counter()
-            ds = tp.open_image(path, chunks=tile)
-            cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
-            wall = time.perf_counter() - t0
+            wall, cat = timed()
         comp, spur = _quality(cat["x"], cat["y"], truth)
         return {"wall": wall, "n": int(len(cat)), "completeness": comp, "spurious": spur, "mem": peak_rss_mb(),
                 "tiles": f"{nt}x{nt}", "regrown": len(cat.meta["regrown_tiles"])}
@@ -178,13 +185,7 @@ def run_tilepipe(path, truth, workers, size, tile, warm=False):
     client = Client(cluster)
     try:
         client.run(_import_modules)  # workers up, modules imported, before the clock starts
-        if warm:
-            tp.detect_sources(tp.open_image(path, chunks=tile), nsigma=1.5, nx=nt, ny=nt)
-            path = _warm_copy(path)
-        t0 = time.perf_counter()
-        ds = tp.open_image(path, chunks=tile)
-        cat = tp.detect_sources(ds, nsigma=1.5, nx=nt, ny=nt)
-        wall = time.perf_counter() - t0
+        wall, cat = timed()
         wmem = max(client.run(peak_rss_mb).values())
     finally:
         client.close()

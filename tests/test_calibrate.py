@@ -280,7 +280,6 @@ def test_dark_scale_rules(synthetic):
         calibrate(_ds(s["raw"], 30.0), flat=_ds(s["flat"], 2.0))
 
 
-
 @pytest.mark.parametrize("t_flat", [10.0, 10.5])
 def test_flat_with_the_darks_exposure_time_loses_its_bias(t_flat):
     """A raw flat exposed as long as the dark: F - B - (t_flat/t_dark)(D - B) must still remove the bias
@@ -298,6 +297,7 @@ def test_flat_with_the_darks_exposure_time_loses_its_bias(t_flat):
     img = out["image"].values
     # flat normalised to its median (1000 * 1.5 on a half-and-half chip): a flat-fielded sky of 150 everywhere
     np.testing.assert_allclose(img, 150.0, rtol=1e-6)
+
 
 def test_lazy_and_chunk_invariant(frames):
     paths, _ = frames

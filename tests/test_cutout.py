@@ -428,9 +428,8 @@ def test_batch_zarr_remote_failed_overwrite_keeps_the_old_store(field, remote_za
 
 
 def test_batch_zarr_compute_false_records_the_origins(tmp_path):
-    """compute=False (the caller runs the tasks) writes the same cutout origins as compute=True: a guard for a
-    regression made and fixed within one session (the origins were left at -1, so the stored WCS note could not
-    rebuild the cutouts' WCS)."""
+    """compute=False (the caller runs the tasks) stores the same cutout origins x0/y0 as compute=True (not the
+    -1 fill value), so the stored WCS note can rebuild each cutout's WCS."""
     import dask
     import zarr
 

@@ -107,4 +107,4 @@ def test_masked_array_fill_values_stay_out_of_the_default_variance():
     ds = make_dataset(np.ma.MaskedArray(values, mask=hidden))
     var = ds["variance"].values
     assert np.all(np.isfinite(var))
-    np.testing.assert_allclose(np.median(var[~hidden]), 25.0, rtol=0.1)
+    np.testing.assert_allclose(np.median(var[~hidden]), 25.0, rtol=0.03)  # sigma 5: measured 24.96

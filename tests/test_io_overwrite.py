@@ -3,7 +3,6 @@ from a lazy product of itself (open, image + 1, write back with ``overwrite=True
 
 from __future__ import annotations
 
-
 import dask.array as da
 import fsspec
 import numpy as np
@@ -62,5 +61,4 @@ def test_remote_overwrite_drops_old_variables_and_chunks(remote, remote_keys):
     back = tio.read_zarr(url, storage_options=opts)
     assert "extra" not in back and back["image"].shape == (20, 30)
     assert float(back["image"].values.mean()) == 5.0
-    fs, path = fsspec.core.url_to_fs(url, **opts)
     assert not any("/extra/" in k for k in remote_keys(url, opts))

@@ -634,3 +634,6 @@ def test_manifest_on_an_object_store(night, tmp_path):
     fs.pipe_file(f"{root}/lists/night.ecsv", local.read_bytes())
     cfg = load_config({"run": {"output": str(tmp_path / "out")}, "exposures": {"manifest": f"{root}/lists/night.ecsv"}})
     assert [e["path"] for e in expand_exposures(cfg)] == [f"{root}/lists/raw/exp0.fits", str(night / "raw" / "exp1.fits")]
+    cfg["exposures"]["manifest"] = f"{root}/lists/missing.ecsv"
+    with pytest.raises(ConfigError, match=r"\[exposures\] manifest .*missing\.ecsv.* does not exist"):
+        expand_exposures(cfg)

@@ -192,29 +192,6 @@ def test_merge_tables_empty():
     assert len(out) == 0 and "id" in out.colnames
 
 
-def test_merge_tables_plain_columns_equal_vstack():
-    """Plain per-tile tables are merged column by column: the same table as vstack + sort + ids, metadata
-    merged as vstack merges it; a column with a unit goes through vstack and keeps it."""
-    import astropy.units as u
-    from astropy.table import vstack
-
-    rng = np.random.default_rng(4)
-    tabs = [Table({"x": rng.uniform(0, 9, n), "y": rng.integers(0, 4, n).astype(float), "n": rng.integers(0, 99, n),
-                   "id": np.zeros(n, dtype=np.int64)}, meta={"status": f"tile {k}", "cut_boxes": [(k, k + 1)]})
-            for k, n in enumerate((5, 0, 7, 3))]
-    out = merge_tables([None] + tabs)
-    ref = vstack([t for t in tabs if len(t)], metadata_conflicts="silent")
-    ref = ref[np.lexsort((ref["x"], ref["y"]))]
-    assert out.colnames == ["id", "x", "y", "n"]
-    assert np.array_equal(out["id"], np.arange(1, 16))
-    for c in ("x", "y", "n"):
-        assert np.array_equal(out[c], ref[c]) and out[c].dtype == ref[c].dtype
-    assert out.meta == ref.meta == {"status": "tile 3", "cut_boxes": [(0, 1), (2, 3), (3, 4)]}
-    tabs[0]["x"].unit = u.pix
-    tabs[2]["x"].unit = u.pix
-    assert merge_tables(tabs)["x"].unit == u.pix
-
-
 def test_map_tiles_on_local_cluster(client):
     """The engine runs on a real LocalCluster with worker processes."""
     x = np.random.default_rng(5).normal(size=(200, 160)).astype(np.float32)

@@ -451,7 +451,6 @@ def test_wcs_disagreement_and_align():
     assert m[:, :3].any() or m[:, -3:].any()
 
 
-
 def test_align_reprojects_a_reference_of_another_shape():
     """align=True resamples a reference that covers the same sky on another pixel grid (here trimmed by 16
     columns), instead of refusing the shape difference; without align the shape error points to it."""
@@ -499,6 +498,7 @@ def test_even_psf_stamps_are_centred_between_their_middle_pixels():
     noise = odd.attrs["diff_noise"]
     assert np.nanmax(np.abs(even["diff"].values - odd["diff"].values)) < 0.05 * noise
     assert np.nanmax(np.abs(even["scorr"].values - odd["scorr"].values)) < 0.05
+
 
 # --------------------------------------------------------------------- CLI
 def test_cli_subtract(tmp_path):

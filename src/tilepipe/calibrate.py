@@ -193,7 +193,7 @@ class _Spec(NamedTuple):
     dc_minus_b: bool  # dark current = dark - bias
     s: float  # dark scale
     b: float  # coefficient of the bias in num (for the variance)
-    flat_b: bool  # subtract the bias from the flat
+    flat_b: bool  # subtract the bias from the flat (even when its net coefficient bf is 0: t_flat == t_dark)
     sf: float  # dark scale for the flat
     bf: float  # coefficient of the bias in Fc (for the variance)
     var_b: bool
@@ -474,7 +474,6 @@ def calibrate(
 
     # flat coefficients
     bf = sf = 0.0
-    flat_minus_bias = False  # the bias frame is subtracted from the flat (its net coefficient bf may still be 0)
     if ff and flat_has_bias:
         if fb is None:
             warnings.warn(
@@ -490,15 +489,14 @@ def calibrate(
             elif fd:
                 log.info("dark current not removed from the flat: flat or dark exposure time unknown")
             bf = (1.0 - sf) if (fd and dark_has_bias) else 1.0
-            flat_minus_bias = True
 
     # ------------------------------------------------------------ the graph
     # One task per tile computes image, variance and mask together (_calib_block);
     # the global scalars (flat norm, dark median/MAD) enter as 0-d dask arrays.
     spec = _Spec(
         has_b=fb is not None, has_d=fd is not None, has_f=ff is not None, dc_minus_b=bool(fb and fd and dark_has_bias),
-        s=s, b=b, flat_b=flat_minus_bias, sf=sf, bf=bf, var_b=bool(fb and fb[1]), var_d=bool(fd and fd[1]),
-        var_f=bool(ff and ff[1]), hot_k=hot_pixel_sigma if fd else None, fill=float(fill_value),
+        s=s, b=b, flat_b=bool(ff and flat_has_bias and fb is not None), sf=sf, bf=bf, var_b=bool(fb and fb[1]),
+        var_d=bool(fd and fd[1]), var_f=bool(ff and ff[1]), hot_k=hot_pixel_sigma if fd else None, fill=float(fill_value),
     )
     blocks: list[Any] = [arr(rds, "image"), arr(rds, "variance"), rds["mask"].data]
     for f in (fb, fd, ff):

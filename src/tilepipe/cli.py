@@ -64,15 +64,8 @@ class Context:
         from .cluster import _is_terminal, progress
 
         if self.progress and _is_terminal(sys.stderr):
-            try:
-                from distributed import Client
-
-                Client.current()
-            except (ImportError, ValueError):  # no client: nothing to draw the bar from
-                return dask.compute(*collections)
-            persisted = dask.persist(*collections)
-            progress(*persisted, stream=sys.stderr)
-            return dask.compute(*persisted)
+            collections = dask.persist(*collections)
+            progress(*collections)  # on stderr; nothing drawn without a client
         return dask.compute(*collections)
 
     @contextlib.contextmanager

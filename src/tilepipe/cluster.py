@@ -30,8 +30,9 @@ __all__ = ["get_client", "client_context", "progress", "WORKER_ENVIRON"]
 #: threshold) maps every one afresh: 4k detection on one worker took 5.74 s with it and 3.84 s without
 #: (``python benchmarks/bench_detect.py --sizes 4096 --workers 1 --peers sep [--dask-default-env]``).
 #: glibc's own dynamic threshold still faulted in ~100 MB of fresh pages per 2k detection; with these
-#: two settings a worker faults ~0 pages on its second image (README, detection benchmark) while a ZOGY
-#: worker's peak memory stays what it was (a 256 MB trim threshold kept 15-20 % more).
+#: two settings a worker faults ~0 pages on its second image (throwaway fault counts; README, detection
+#: benchmark) while a ZOGY worker's peak memory stays what it was (``benchmarks/bench_zogy.py --sizes 4096``;
+#: a 256 MB trim threshold kept 15-20 % more).
 WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 33554432,
                   "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 33554432}
 

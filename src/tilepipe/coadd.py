@@ -32,9 +32,10 @@ weighted mean) and PSF ``P_R``.
 Implementation: per tile, the PSFs are evaluated at the tile centre and the
 per-image filters ``k_j = F⁻¹[(F_j/σ_j²) conj(P̂_j) / sqrt(Σ F²/σ² |P̂|²)]`` are
 built on a ``G x G`` grid (``G = 2·s + 1`` for PSF stamps of side ``s``) and
-applied by zero-padded FFT convolution (``scipy.signal.fftconvolve``), so
-nothing wraps around; the halo needed is ``G // 2`` pixels.  With PSFs that
-do not vary across the image the tiled coadd equals the whole-image one to
+applied by zero-padded FFT convolution (the spectra of all terms summed
+before one inverse FFT, :func:`_sum_of_convolutions`), so nothing wraps
+around; the halo needed is ``G // 2`` pixels.  With PSFs that do not vary
+across the image the tiled coadd equals the whole-image one to
 floating-point precision.
 
 Masks
@@ -358,34 +359,48 @@ def _proper_variance(kernels: Sequence[np.ndarray], valid: Sequence[np.ndarray],
     cross terms vanish where both images are valid; pairs with no masked
     pixel in the tile cost nothing.
     """
-    from scipy.signal import fftconvolve
-
     n = len(kernels)
-    shape = valid[0].shape
     with np.errstate(invalid="ignore", divide="ignore"):
         inv = np.where(wsum > 0, 1.0 / np.where(wsum > 0, wsum, 1.0), 0.0)
     c = [w[i] * valid[i] * inv / F[i] for i in range(n)]
-    V = np.zeros(shape)
-    for j in range(n):
-        q = np.where(valid[j], varis[j], F[j] ** 2 * wvar)
-        V += fftconvolve(q, kernels[j] ** 2, mode="same")
-    for j in range(n):
-        for k in range(j + 1, n):
-            if valid[j].all() and valid[k].all():
-                continue
-            q = (valid[j] & ~valid[k]) * (F[k] * c[j] * varis[j])
-            q = q + (valid[k] & ~valid[j]) * (F[j] * c[k] * varis[k])
-            q = q + (~valid[j] & ~valid[k]) * (F[j] * F[k] * wvar)
-            if not q.any():
-                continue
-            V += 2.0 * fftconvolve(q, kernels[j] * kernels[k], mode="same")
-    return V
+
+    def terms() -> Any:  # one tile-sized map alive at a time
+        for j in range(n):
+            yield np.where(valid[j], varis[j], F[j] ** 2 * wvar), kernels[j] ** 2
+        for j in range(n):
+            for k in range(j + 1, n):
+                if valid[j].all() and valid[k].all():
+                    continue
+                q = (valid[j] & ~valid[k]) * (F[k] * c[j] * varis[j])
+                q = q + (valid[k] & ~valid[j]) * (F[j] * c[k] * varis[k])
+                q = q + (~valid[j] & ~valid[k]) * (F[j] * F[k] * wvar)
+                if q.any():
+                    yield 2.0 * q, kernels[j] * kernels[k]
+
+    return _sum_of_convolutions(terms(), valid[0].shape, kernels[0].shape)
+
+
+def _sum_of_convolutions(terms: Any, shape: tuple[int, ...], kshape: tuple[int, ...]) -> np.ndarray:
+    """``Σ fftconvolve(a, k, mode="same")`` over the ``(a, k)`` pairs of an iterable (``a`` of ``shape``,
+    ``k`` of ``kshape``).
+
+    The products of the spectra are summed and transformed back once (one
+    inverse FFT instead of one per term); zero-padded, so nothing wraps.
+    """
+    import scipy.fft as sfft
+
+    (h, w), (kh, kw) = shape, kshape
+    fshape = (sfft.next_fast_len(h + kh - 1), sfft.next_fast_len(w + kw - 1, real=True))
+    acc = 0
+    for a, k in terms:
+        acc = acc + sfft.rfft2(a, fshape) * sfft.rfft2(k, fshape)
+    full = sfft.irfft2(acc, fshape)
+    y0, x0 = (kh - 1) // 2, (kw - 1) // 2  # fftconvolve's "same": the centre of the full convolution
+    return full[y0 : y0 + h, x0 : x0 + w]
 
 
 def _coadd_tile(*blocks: np.ndarray, tile: Any, n: int, method: str, F: np.ndarray, sig: np.ndarray,
                 bkg: Sequence[Any], n_bkg_arr: int, psfs: Sequence[Any], G: int) -> tuple[np.ndarray, ...]:
-    from scipy.signal import fftconvolve
-
     imgs = [np.asarray(b, np.float64) for b in blocks[:n]]
     masks = [np.asarray(b, bool) for b in blocks[n : 2 * n]]
     varis = [np.asarray(b, np.float64) for b in blocks[2 * n : 3 * n]]
@@ -431,10 +446,8 @@ def _coadd_tile(*blocks: np.ndarray, tile: Any, n: int, method: str, F: np.ndarr
         xc, yc = (cx.start + cx.stop - 1) / 2.0, (cy.start + cy.stop - 1) / 2.0
         stamps = [_stamp(p, xc, yc, j) for j, p in enumerate(psfs)]
         kernels, _, FR = proper_kernels(stamps, F, sig, G)
-        R = np.zeros(imgs[0].shape)
-        for j in range(n):
-            mj = np.where(valid[j], M[j], F[j] * wmean)
-            R += fftconvolve(mj, kernels[j], mode="same")
+        R = _sum_of_convolutions(((np.where(valid[j], M[j], F[j] * wmean), kernels[j]) for j in range(n)),
+                                 imgs[0].shape, kernels[0].shape)
         V = _proper_variance(kernels, valid, varis, F, w, wsum, wvar)
         out = R / FR
         var = np.clip(V, 0, None) / FR**2

@@ -39,7 +39,7 @@ from astropy.table import Table
 
 from ._validate import check_choice, check_int, check_positive
 from .exceptions import FallbackWarning
-from .image import cards_to_header, header_to_cards, open_image, wcs as _wcs
+from .image import cards_to_header, header_to_cards, open_image, pixel_to_radec, radec_to_pixel, wcs as _wcs
 
 log = logging.getLogger(__name__)
 
@@ -724,8 +724,6 @@ def _position(ds: xr.Dataset, ra: Any, dec: Any, unit_is_pix: bool, x: Any, y: A
         ra = ra.to_value("deg")
     if hasattr(dec, "unit"):
         dec = dec.to_value("deg")
-    from .image import radec_to_pixel
-
     px, py = radec_to_pixel(w, np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float)))
     return np.atleast_1d(np.asarray(px, float)), np.atleast_1d(np.asarray(py, float)), w
 
@@ -1150,8 +1148,6 @@ def cutouts(
     if len(set(names)) != len(names):
         raise ValueError(f"column {name_col!r} has duplicate values; file names must be unique (use name_col=)")
     if w is not None:
-        from .image import pixel_to_radec
-
         ra, dec = pixel_to_radec(w, xs, ys)
     else:
         ra = dec = np.full(len(xs), np.nan)

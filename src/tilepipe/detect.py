@@ -271,21 +271,24 @@ def _sep_extract(data: np.ndarray, err: np.ndarray, bad: np.ndarray, p: dict[str
     data = np.ascontiguousarray(data, dtype=np.float32)
     err = np.ascontiguousarray(err, dtype=np.float32)
     mask = np.ascontiguousarray(bad).view(np.uint8) if bad is not None and bad.any() else None
-    for stack in dict.fromkeys((first, size)):
+
+    def extract(stack: int) -> tuple[np.ndarray, np.ndarray]:
         with _SEP_LOCK:
             sep.set_extract_pixstack(stack)
             sep.set_sub_object_limit(int(p["sub_object_limit"]))
-            try:
-                return sep.extract(
-                    data, float(p["nsigma"]), err=err, mask=mask,
-                    minarea=int(p["minarea"]), filter_kernel=p["kernel"], filter_type=p["filter_type"],
-                    deblend_nthresh=int(p["deblend_nthresh"]), deblend_cont=float(p["deblend_cont"]),
-                    clean=bool(p["clean"]), clean_param=float(p["clean_param"]), segmentation_map=True,
-                )
-            except Exception as exc:  # sep raises a bare Exception for a full pixel stack
-                if stack == size or "pixel buffer full" not in str(exc):
-                    raise
-    raise AssertionError("unreachable")
+            return sep.extract(
+                data, float(p["nsigma"]), err=err, mask=mask,
+                minarea=int(p["minarea"]), filter_kernel=p["kernel"], filter_type=p["filter_type"],
+                deblend_nthresh=int(p["deblend_nthresh"]), deblend_cont=float(p["deblend_cont"]),
+                clean=bool(p["clean"]), clean_param=float(p["clean_param"]), segmentation_map=True,
+            )
+
+    try:
+        return extract(first)
+    except Exception as exc:  # sep raises a bare Exception for a full pixel stack
+        if first == size or "pixel buffer full" not in str(exc):
+            raise
+    return extract(size)
 
 
 def _rows(objs: np.ndarray, seg: np.ndarray, var: np.ndarray, dy: int = 0, dx: int = 0) -> dict[str, np.ndarray]:

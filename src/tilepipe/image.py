@@ -510,6 +510,7 @@ def make_dataset(
 
     stats = None
     r_img = None if region_of(image) is None else Region(_float32_region, {"a": region_of(image)})
+
     def dask_mask(m: Any, name: str) -> da.Array:
         return _to_dask(m, img.chunks, f"the mask of {name}", img.shape).astype(bool)
 

@@ -152,8 +152,10 @@ def _aperture_weights(dx: np.ndarray, dy: np.ndarray, r: float, subpix: int) -> 
     return w
 
 
-def _weighted_var_sums(v: np.ndarray, lx: np.ndarray, ly: np.ndarray, r: float, subpix: int) -> np.ndarray:
-    """``sum_i w_i^2 v_i`` per position over the circle of radius ``r`` (``w``: :func:`_aperture_weights`).
+def _aperture_sums(v: np.ndarray, bad: np.ndarray, lx: np.ndarray, ly: np.ndarray, r: float,
+                   subpix: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position, over the circle of radius ``r`` (``w``: :func:`_aperture_weights`, sep's weights):
+    ``A = sum_i w_i``, ``A_good`` the same over unmasked pixels, and ``sum_i w_i^2 v_i``.
 
     ``v`` is the block's variance with masked pixels already 0; pixels off the
     block count as 0 (the block edge is the image edge, see the caller).
@@ -161,17 +163,19 @@ def _weighted_var_sums(v: np.ndarray, lx: np.ndarray, ly: np.ndarray, r: float, 
     h, w = v.shape
     half = int(math.ceil(r)) + 1
     off = np.arange(-half, half + 1)
-    out = np.zeros(lx.size)
+    area, area_good, w2var = np.zeros(lx.size), np.zeros(lx.size), np.zeros(lx.size)
     step = max(1, 2_000_000 // off.size ** 2)  # positions per batch: bounded memory
     for a in range(0, lx.size, step):
         bx, by = lx[a:a + step], ly[a:a + step]
         xs = np.floor(bx + 0.5).astype(np.int64)[:, None, None] + off[None, None, :]
         ys = np.floor(by + 0.5).astype(np.int64)[:, None, None] + off[None, :, None]
         wts = _aperture_weights(xs - bx[:, None, None], ys - by[:, None, None], r, subpix)
-        on = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-        vals = v[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)].astype(np.float64)
-        out[a:a + step] = (np.where(on, wts * wts * vals, 0.0)).sum(axis=(1, 2))
-    return out
+        wts[(xs < 0) | (xs >= w) | (ys < 0) | (ys >= h)] = 0.0
+        pix = (np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1))
+        area[a:a + step] = wts.sum(axis=(1, 2))
+        area_good[a:a + step] = np.where(bad[pix], 0.0, wts).sum(axis=(1, 2))
+        w2var[a:a + step] = (wts * wts * v[pix]).sum(axis=(1, 2))
+    return area, area_good, w2var
 
 
 def _aperture_block(img, var, mask, *maybe_bkg, x, y, origin, shape, radii, annulus, annulus_stat, subpix):
@@ -217,25 +221,21 @@ def _aperture_block(img, var, mask, *maybe_bkg, x, y, origin, shape, radii, annu
                 sky_var[i] = vv.sum() / vals.size ** 2
         out["annulus_sky"] = sky
         out["annulus_npix"] = nann
-    ones = np.ones(data.shape, dtype=np.float32)
-    good = (~bad).astype(np.float32)
     for r in radii:
         # the block edge is only reached at the image edge because overlap >= support, so sep's
         # truncation flag means the image edge.  With masked pixels sep scales the sum of the
         # unmasked ones by A / A_good (see aperture_photometry).
         with _SEP_LOCK:
             s, _, f = sep.sum_circle(data, lx, ly, float(r), mask=bad, subpix=int(subpix))
-            # A: the area the sums cover, sep's pixel weights (subpix sampling, cut by the image edge),
-            # not pi r^2, so that a flat annulus sky cancels exactly; A_good: the same over unmasked pixels
-            area = np.asarray(sep.sum_circle(ones, lx, ly, float(r), subpix=int(subpix))[0], dtype=np.float64)
-            area_good = np.asarray(sep.sum_circle(good, lx, ly, float(r), subpix=int(subpix))[0], dtype=np.float64)
-        # the variance of S = (A / A_good) sum_good w f for independent pixels (no gain term: the
-        # variance map already holds the Poisson noise); v is 0 at masked pixels
-        w2var = _weighted_var_sums(v, lx, ly, float(r), int(subpix))
+        # A: the area the sums cover, sep's pixel weights (subpix sampling, cut by the image edge), not
+        # pi r^2, so that a flat annulus sky cancels exactly; A_good: the same over unmasked pixels.  The
+        # variance of S = (A / A_good) sum_good w f for independent pixels (no gain term: the variance map
+        # already holds the Poisson noise); v is 0 at masked pixels.  Without an annulus sky = sky_var = 0.
+        area, area_good, w2var = _aperture_sums(v, bad, lx, ly, float(r), int(subpix))
         with np.errstate(divide="ignore", invalid="ignore"):
             fill = np.where(area_good > 0, area / area_good, np.nan)
-        flux = np.asarray(s, dtype=np.float64) - (area * sky if annulus is not None else 0.0)
-        err = np.sqrt(fill * fill * w2var + (area * area * sky_var if annulus is not None else 0.0))
+        flux = np.asarray(s, dtype=np.float64) - area * sky
+        err = np.sqrt(fill * fill * w2var + area * area * sky_var)
         flux = np.where(area_good > 0, flux, np.nan)
         flags |= np.asarray(f, dtype=np.int32)
         key = _fmt(r)

@@ -399,11 +399,7 @@ def _read_manifest(man: str, opts: Mapping[str, Any]):
     try:
         if _is_url(man):
             fs, path = _fs(man, opts)
-            if not fs.exists(path):
-                raise FileNotFoundError(man)
-            with fs.open(path, "rt") as fh:
-                lines = fh.read().splitlines()
-            return Table.read(lines, format=fmt, **kw)
+            return Table.read(fs.cat_file(path).decode().splitlines(), format=fmt, **kw)  # missing: FileNotFoundError
         if not os.path.isfile(man):
             raise FileNotFoundError(man)
         return Table.read(man, format=fmt, **kw)
@@ -499,8 +495,9 @@ def _reference_for(cfg: Mapping[str, Any], field_name: str) -> str:
     )
 
 
-def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str, res: ExposureResult) -> None:
-    """Run the configured steps on one exposure, writing into ``workdir``."""
+def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str, res: ExposureResult,
+                      recorded: Mapping[str, Any]) -> None:
+    """Run the configured steps on one exposure, writing into ``workdir``; ``recorded``: the config to record."""
     import tilepipe as tp
     from .io import write_table, write_zarr
 
@@ -579,7 +576,7 @@ def _process_exposure(cfg: Mapping[str, Any], exp: dict[str, str], workdir: str,
                 res.counts["candidates"] = len(cand)
                 write_table(cand, _join(workdir, "candidates.ecsv"), overwrite=True, storage_options=opts)
                 res.outputs.append("candidates.ecsv")
-    products.attrs["tilepipe_config"] = json.dumps(redacted_config(cfg), default=str)
+    products.attrs["tilepipe_config"] = json.dumps(recorded, default=str)
     products.attrs["tilepipe_versions"] = _versions()
     with timed("write"):
         write_zarr(products, _join(workdir, "products.zarr"), overwrite=True, storage_options=opts)
@@ -698,8 +695,8 @@ def _summary_html(summary: Mapping[str, Any]) -> str:
     )
 
 
-def _publish(fs: Any, workdir: str, final: str, opts: Mapping[str, Any], local: bool) -> None:
-    """Move the finished product ``workdir`` to ``final``, replacing a previous product only now.
+def _publish(fs: Any, wpath: str, fpath: str, local: bool) -> None:
+    """Move the finished product at ``wpath`` to ``fpath`` (paths on ``fs``), replacing a previous product only now.
 
     Local: :func:`tilepipe.io._fs.commit_local` (the old folder is renamed
     aside, the new one renamed into place, then the old one removed).
@@ -709,9 +706,8 @@ def _publish(fs: Any, workdir: str, final: str, opts: Mapping[str, Any], local: 
     if local:
         from .io._fs import commit_local
 
-        commit_local(workdir, final, overwrite=True)
+        commit_local(wpath, fpath, overwrite=True)
         return
-    wpath, fpath = _fs(workdir, opts)[1], _fs(final, opts)[1]
     old = None
     if fs.exists(fpath):
         old = posixpath.join(posixpath.dirname(fpath), f".{posixpath.basename(fpath)}.old-{uuid.uuid4().hex[:8]}")
@@ -773,6 +769,8 @@ def run_pipeline(
     _CURRENT_OPTS.update(opts)
     out = cfg["run"]["output"]
     fs, root = _fs(out, opts)
+    local = not _is_url(out)
+    recorded = redacted_config(cfg)  # the config as written into every record (credentials redacted)
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
     results: list[ExposureResult] = []
@@ -788,8 +786,8 @@ def run_pipeline(
             for i, exp in enumerate(exposures, 1):
                 res = ExposureResult(name=exp["name"], path=exp["path"])
                 results.append(res)
-                final = _join(out, exp["name"])
-                marker = posixpath.join(root, exp["name"], COMPLETE)
+                final_path = posixpath.join(root, exp["name"])
+                marker = posixpath.join(final_path, COMPLETE)
                 complete = fs.exists(marker)  # one request per exposure (object stores)
                 if complete and not force:
                     res.status = "skipped"
@@ -803,35 +801,34 @@ def run_pipeline(
                 if progress:
                     print(f"[{i}/{len(exposures)}] {exp['name']}: running {', '.join(cfg['steps'])}", flush=True)
                 t1 = time.perf_counter()
-                local = not _is_url(out)
-                final_path = posixpath.join(root, exp["name"])
                 # a complete previous product (force=True) is replaced only once the new one is complete: the
                 # new one is written under a temporary name (always for local outputs, which are renamed into
                 # place; for remote ones when there is a complete product to keep)
-                keep_old = complete
                 tmpname = f".{exp['name']}.tmp-{uuid.uuid4().hex[:8]}"
-                workdir = _join(out, tmpname) if (local or keep_old) else final
+                in_place = not (local or complete)
+                workdir = _join(out, exp["name"] if in_place else tmpname)
+                wpath = final_path if in_place else posixpath.join(root, tmpname)  # workdir's path on fs
                 try:
-                    if not local and not keep_old and fs.exists(final_path):
+                    if in_place and fs.exists(final_path):
                         fs.rm(final_path, recursive=True)  # an incomplete product: nothing to keep
-                    fs.makedirs(_fs(workdir, opts)[1], exist_ok=True)
+                    fs.makedirs(wpath, exist_ok=True)
                     # warnings (small overlap, fallbacks...) are recorded in the summary, not raised
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        _process_exposure(cfg, exp, workdir, res)
+                        _process_exposure(cfg, exp, workdir, res, recorded)
                     res.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
                     res.seconds = round(time.perf_counter() - t1, 3)
                     res.status = "done"
                     record = {
                         "name": res.name, "path": res.path, "field": res.field, "status": "done",
                         "seconds": res.seconds, "timings": res.timings, "counts": res.counts,
-                        "outputs": res.outputs, "warnings": res.warnings, "config": redacted_config(cfg),
+                        "outputs": res.outputs, "warnings": res.warnings, "config": recorded,
                         "versions": _versions(),
                         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                     }
                     _write_json(_join(workdir, COMPLETE), record, opts)
-                    if workdir != final:
-                        _publish(fs, workdir, final, opts, local)
+                    if not in_place:
+                        _publish(fs, wpath, final_path, local)
                 except Exception as exc:  # noqa: BLE001 - one bad exposure must not stop the night
                     res.status = "failed"
                     res.seconds = round(time.perf_counter() - t1, 3)
@@ -840,12 +837,8 @@ def run_pipeline(
                     log.warning("exposure %s failed: %s", exp["name"], res.error)
                     log.debug("%s", traceback.format_exc())
                     try:
-                        if local and os.path.exists(workdir):
-                            import shutil
-
-                            shutil.rmtree(workdir, ignore_errors=True)
-                        elif not local and fs.exists(_fs(workdir, opts)[1]):
-                            fs.rm(_fs(workdir, opts)[1], recursive=True)
+                        if fs.exists(wpath):
+                            fs.rm(wpath, recursive=True)
                     except Exception:  # noqa: BLE001
                         pass
                 if progress:
@@ -864,7 +857,7 @@ def run_pipeline(
         "n_failed": sum(r.status == "failed" for r in results),
         "exposures_per_hour": (n_done / seconds * 3600.0) if n_done and seconds > 0 else 0.0,
         "exposures": [r.__dict__ for r in results],
-        "config": redacted_config(cfg),
+        "config": recorded,
         "versions": _versions(),
     }
     _write_json(_join(out, "summary.json"), summary, opts)

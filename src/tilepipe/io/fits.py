@@ -969,7 +969,7 @@ def _choose_variables(ds: xr.Dataset, variables: Sequence[str] | None) -> list[s
         # PSF stamps, kernels and other 2-D variables on other dims are left out
         ref = ds["image"] if "image" in two_d else next(
             (ds[k] for k in two_d if ds[k].dims == ("y", "x")), ds[two_d[0]] if two_d else None)
-        names = [k for k in two_d if ref is not None and ds[k].dims == ref.dims and ds[k].shape == ref.shape]
+        names = [k for k in two_d if ds[k].dims == ref.dims and ds[k].shape == ref.shape]  # (ref is None only if two_d is empty)
         skipped = [k for k in ds.data_vars if k not in names]
         if skipped:
             log.info("write_fits: skipping variables %s (not on the image's %s grid; pass variables= to write them "

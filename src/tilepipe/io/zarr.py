@@ -390,54 +390,46 @@ def _discard_store(target: str, storage_options: dict[str, Any] | None) -> None:
     unless the write went straight into it).
 
     Tasks still running on other threads or workers may write a few more chunks after a failure:
-    keep removing until it stayed gone for a moment (at most ~5 s), locally and at a URL alike.
+    keep removing until it stayed gone for 0.25 s (at most ~5 s), locally and at a URL alike.
     """
-    if _fs.local_path(target) is not None:
-        gone = 0
-        for _ in range(100):  # done once it stayed absent for 0.25 s
-            _fs.remove_local(target)
-            time.sleep(0.05)
-            gone = gone + 1 if not os.path.lexists(target) else 0
-            if gone >= 5:
-                return
-        return
     try:
-        fs, path = _fs.get_fs(target, storage_options)
+        lp = _fs.local_path(target)
+        if lp is not None:
+            def exists() -> bool:
+                return os.path.lexists(lp)
+
+            def remove() -> None:
+                _fs.remove_local(lp)
+        else:
+            fs, path = _fs.get_fs(target, storage_options)
+
+            def exists() -> bool:
+                fs.invalidate_cache()
+                return fs.exists(path)
+
+            def remove() -> None:
+                try:
+                    fs.rm(path, recursive=True)
+                except FileNotFoundError:
+                    pass
+        gone = 0
+        for _ in range(100):
+            if exists():
+                remove()
+                gone = 0
+            else:
+                gone += 1
+                if gone >= 5:
+                    return
+            time.sleep(0.05)
     except Exception as exc:  # noqa: BLE001 - best effort
         log.warning("could not clean up the incomplete store %s: %s", target, exc)
-        return
-    _remove_remote(fs, path, target)
 
 
 def _hidden_sibling(url: str, tag: str) -> str:
     """A hidden name next to ``url`` (same parent prefix): ``parent/.name.tag``."""
     parent, _, name = url.rstrip("/").rpartition("/")
     return f"{parent}/.{name}.{tag}"
-
-
-def _remove_remote(fs: Any, path: str, url: str) -> None:
-    """Remove everything under ``path`` (best effort).
-
-    Tasks still running on other threads or workers may write a few more chunks after a
-    failure: keep removing until the prefix stayed empty for a moment (at most ~5 s).
-    """
-    gone = 0
-    for _ in range(50):
-        try:
-            fs.invalidate_cache()
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-                gone = 0
-            else:
-                gone += 1
-        except FileNotFoundError:
-            gone += 1
-        except Exception as exc:  # pragma: no cover - best effort
-            log.warning("could not clean up the incomplete store %s: %s", url, exc)
-            return
-        if gone >= 3:
-            return
-        time.sleep(0.05)
 
 
 def _replace_remote(fs: Any, src: str, dst: str, url: str) -> None:
@@ -470,7 +462,10 @@ def _replace_remote(fs: Any, src: str, dst: str, url: str) -> None:
             f"could not move the new Zarr store into place at {url!r} ({type(exc).__name__}: {exc}); "
             f"the complete new store is at {fs.unstrip_protocol(src)!r}: copy it to {url!r} by hand"
         ) from exc
-    _remove_remote(fs, src, url)
+    try:  # the copy is complete: nothing writes to src any more, one removal is enough
+        fs.rm(src, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - best effort: url is already complete
+        log.warning("could not remove the temporary store %s: %s", fs.unstrip_protocol(src), exc)
     fs.invalidate_cache()
 
 

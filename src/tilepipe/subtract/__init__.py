@@ -18,7 +18,6 @@ import sys
 import types
 from typing import Any
 
-import numpy as np
 import xarray as xr
 
 from .._validate import check_choice
@@ -157,7 +156,7 @@ def _is_set(value: Any, default: Any) -> bool:
     """Whether an option differs from its default (``None``, a bool or an int); arrays are never compared."""
     if value is default:
         return False
-    if default is None or isinstance(value, np.ndarray) or not isinstance(value, (bool, int, float)):
+    if default is None or not isinstance(value, (bool, int, float)):  # arrays, objects: set unless None
         return value is not None
     return bool(value != default)
 

@@ -105,11 +105,9 @@ def _odd_stamp(stamp: Any, what: str) -> np.ndarray:
     n = max(a.shape)
     n += 1 - n % 2
     out = np.zeros((n, n))
-    oy, ox = ((n - m - 1 + m % 2) // 2 for m in a.shape)  # an even side: its centre lands half a pixel short
+    oy, ox = (n - a.shape[0]) // 2, (n - a.shape[1]) // 2  # an even side: its centre lands half a pixel short
     out[oy:oy + a.shape[0], ox:ox + a.shape[1]] = a
     if any(shift):
-        from scipy import ndimage
-
         out = np.fft.ifft2(ndimage.fourier_shift(np.fft.fft2(out), shift)).real
     s = out.sum()
     if not np.isfinite(s) or s <= 0:
@@ -829,13 +827,13 @@ def _phase_timer() -> Callable[[str], None]:
 
 def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
     same_shape = new["image"].shape == ref["image"].shape
-    if not same_shape and not (align and has_wcs(new) and has_wcs(ref)):
+    hn, hr = has_wcs(new), has_wcs(ref)
+    if not same_shape and not (align and hn and hr):
         raise ValueError(
             f"new has shape {new['image'].shape} but ref has shape {ref['image'].shape}; ZOGY needs aligned images "
             "of the same shape: resample the reference onto the new image's pixel grid first "
             "(e.g. tilepipe.subtract(..., align=True) when both have a WCS, or reproject.reproject_interp)"
         )
-    hn, hr = has_wcs(new), has_wcs(ref)
     if not (hn and hr):
         if align:
             raise ValueError("align=True needs a celestial WCS in both images; one of them has none")
@@ -858,9 +856,6 @@ def _check_pair(new: xr.Dataset, ref: xr.Dataset, align: bool) -> xr.Dataset:
 
     log.info("reprojecting the reference (shape %s) onto the new image's WCS (shape %s, offset up to %.2f px)",
              ref["image"].shape, new["image"].shape, off)
-    hdr = wn.to_header()
-    hdr["NAXIS"] = 2
-    hdr["NAXIS1"], hdr["NAXIS2"] = w, h
     img, foot = reproject_interp((np.asarray(ref["image"].data, dtype=np.float64), wr), wn, shape_out=(h, w))
     var, _ = reproject_interp((np.asarray(ref["variance"].data, dtype=np.float64), wr), wn, shape_out=(h, w))
     msk, _ = reproject_interp((np.asarray(ref["mask"].data, dtype=np.float64), wr), wn, shape_out=(h, w), order=0)
